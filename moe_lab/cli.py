@@ -1,0 +1,20 @@
+"""The ``moe-lab`` command: ``moe-lab course ...`` (see :mod:`moe_lab.course`)."""
+from __future__ import annotations
+
+import sys
+
+from . import course
+
+COMMANDS = {"course": course.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: moe-lab {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Routing: turn router logits into (probabilities, top-k gates, selected experts).
+
+Shapes: ``T`` tokens, ``E`` experts, ``k`` experts per token.
+Router math always runs in float32, whatever the input dtype or autocast setting.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+SoftmaxOrder = Literal["before_topk", "after_topk"]
+SOFTMAX_ORDERS = ("before_topk", "after_topk")
+
+
+def check_k(k: int, num_experts: int) -> None:
+    """Raise ``ValueError`` unless ``1 <= k <= num_experts``."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an integer with 1 <= k <= num_experts={num_experts}, got k={k!r}")
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Raise ``ValueError`` if router logits contain NaN or +-inf (a sign of a diverging router)."""
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ValueError(
+            f"router logits contain {bad} non-finite value(s) (NaN or inf): the router has diverged "
+            "or its input is broken; check the learning rate, use the z-loss, keep the router in float32"
+        )
+
+
+def softmax_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    softmax_order: SoftmaxOrder = "before_topk",
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax gating with top-k selection.
+
+    Args:
+        logits: ``[T, E]`` router logits (any float dtype; computed in float32).
+        k: experts per token, ``1 <= k <= E``.
+        softmax_order: ``"before_topk"``: softmax over all ``E`` experts, then keep the top k
+            (Mixtral, DeepSeek v1/v2, Switch); ``"after_topk"``: keep the top-k logits, softmax over them.
+        renormalize: with ``"before_topk"``, rescale the kept probabilities to sum to 1 (Mixtral: yes;
+            Switch k=1 and DeepSeek v1/v2: no). Softmax after top-k always sums to 1, so it requires True.
+
+    Returns:
+        probs: ``[T, E]`` float32 softmax over all experts (what the Switch aux loss uses).
+        gates: ``[T, k]`` float32 weights of the selected experts, largest first.
+        experts: ``[T, k]`` int64 indices of the selected experts.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [tokens, num_experts], got shape {tuple(logits.shape)}")
+    check_k(k, logits.shape[-1])
+    if softmax_order not in SOFTMAX_ORDERS:
+        raise ValueError(f"softmax_order must be one of {SOFTMAX_ORDERS}, got {softmax_order!r}")
+    if softmax_order == "after_topk" and not renormalize:
+        raise ValueError(
+            "renormalize=False only applies to softmax_order='before_topk': a softmax after top-k "
+            "already sums to 1 over the selected experts"
+        )
+    check_finite_logits(logits)
+    logits = logits.float()
+    probs = logits.softmax(dim=-1)
+    if softmax_order == "before_topk":
+        gates, experts = probs.topk(k, dim=-1)
+        if renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+    else:
+        top_logits, experts = logits.topk(k, dim=-1)
+        gates = top_logits.softmax(dim=-1)
+    return probs, gates, experts
+
+
+class Router(nn.Module):
+    """A linear router ``logits = x @ W^T`` computed in float32.
+
+    ``weight`` is ``[E, d_model]`` like ``nn.Linear(d_model, E, bias=False)``.
+    """
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[T, d_model]`` -> logits ``[T, E]`` in float32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
