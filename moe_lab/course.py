@@ -57,6 +57,7 @@ def exercise_notebook(solution: nbformat.NotebookNode, name: str) -> nbformat.No
             cell.source = strip_solutions(cell.source, f"{name} cell {i}")
             cell.outputs, cell.execution_count = [], None
     nb.metadata.pop("widgets", None)
+    nb.metadata["language_info"] = {"name": "python"}  # no interpreter version: exercises stay reproducible
     nb.metadata["moe_lab"] = {
         "notebook": name,
         "role": "exercise",
