@@ -1,6 +1,6 @@
 """Dispatch: send each token to its k experts and combine the results, ``y_t = sum_j gates[t,j] * E_{experts[t,j]}(x_t)``.
 
-Three implementations with one signature ``fn(x, experts, gates, expert_ffns) -> y``:
+Three implementations with one signature ``fn(x, experts, gates, expert_ffns, keep=None) -> y``:
 
 - ``"loop"``: a readable loop over experts (the reference; the eager style of popular model code).
 - ``"sorted"``: sort token-slots by expert, run every expert with grouped GEMMs, un-sort, weight and sum
@@ -8,33 +8,124 @@ Three implementations with one signature ``fn(x, experts, gates, expert_ffns) ->
 - ``"onehot"``: GShard's one-hot dispatch / combine einsums over an ``[T, E, C]`` tensor (for teaching; its
   memory grows as ``T * E * C``).
 
-Shapes: ``x: [T, d_model]``, ``experts: [T, k]`` int64, ``gates: [T, k]`` -> ``y: [T, d_model]``.
+Expert capacity (Switch / GShard): :func:`expert_capacity` gives the slots per expert and :func:`capacity_mask`
+decides which token-slots fit (``keep``). A dropped slot (``keep == False``) is never computed: it contributes
+exactly zero to ``y`` and receives zero gradient, in every path; the residual connection around the MoE layer
+carries the token. ``keep=None`` is dropless (every slot is computed).
+
+Shapes: ``x: [T, d_model]``, ``experts: [T, k]`` int64, ``gates: [T, k]``, ``keep: [T, k]`` bool -> ``y: [T, d_model]``.
 """
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import torch
 
 from .experts import Experts
+from .metrics import tokens_per_expert
+from .permute import combine_slots, gather_slots
 from .utils import compute_dtype
 
+DropPolicy = Literal["position", "probability"]
+DROP_POLICIES = ("position", "probability")
 
-def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int = 1) -> int:
+    """Slots per expert: ``ceil(num_tokens * k / num_experts * capacity_factor)``.
+
+    Switch Transformer eq. (3) (tokens per batch / experts x capacity factor), times ``k`` for top-k as in
+    GShard (top-2: ``2N/E``). We round *up*, so capacity factor 1.0 with perfectly even routing drops nothing;
+    some implementations truncate with ``int()`` instead (at most one slot less). The product is rounded to 9
+    decimals first so that float noise (``1.1 * 100 / 10 = 11.000000000000002``) does not add a slot.
+    """
+    if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) or not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be a number > 0 (or None for dropless), got {capacity_factor!r}")
+    if num_tokens < 0 or num_experts < 1 or k < 1:
+        raise ValueError(f"need num_tokens >= 0, num_experts >= 1, k >= 1; got {num_tokens}, {num_experts}, {k}")
+    return math.ceil(round(num_tokens * k * capacity_factor / num_experts, 9))
+
+
+def _priority_order(experts: torch.Tensor, probs: torch.Tensor | None, policy: str) -> torch.Tensor:
+    """Slots in the order they claim capacity, as indices into the choice-major flattening ``experts.T``.
+
+    ``"position"``: every token's first choice (in token order) before any second choice (Switch/GShard).
+    ``"probability"``: highest router probability first; ties keep the position order.
+    """
+    if policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {policy!r}")
+    n = experts.numel()
+    if policy == "position":
+        return torch.arange(n, device=experts.device)
+    if probs is None or probs.shape != experts.shape:
+        raise ValueError(f"drop_policy='probability' needs probs of shape {tuple(experts.shape)} (one per slot)")
+    return torch.sort(probs.detach().float().T.reshape(-1), descending=True, stable=True).indices
+
+
+def queue_positions(
+    experts: torch.Tensor, num_experts: int, probs: torch.Tensor | None = None, policy: DropPolicy = "position"
+) -> torch.Tensor:
+    """Where each token-slot stands in its expert's queue (0 = served first) under a priority policy.
+
+    experts: ``[T, k]``; probs: ``[T, k]`` router probability of each selected slot (for ``"probability"``)
+    -> ``[T, k]`` int64. A slot is kept under capacity ``C`` iff its position is ``< C``.
+    """
+    num_tokens, k = experts.shape
+    order = _priority_order(experts, probs, policy)  # priority rank -> choice-major slot id
+    by_rank = experts.T.reshape(-1)[order]  # expert of each slot, in priority order
+    grouped = torch.argsort(by_rank, stable=True)  # grouped by expert, priority order inside a group
+    counts = torch.bincount(by_rank, minlength=num_experts)
+    starts = counts.cumsum(0) - counts
+    pos_by_rank = torch.empty_like(by_rank)
+    pos_by_rank[grouped] = torch.arange(by_rank.numel(), device=by_rank.device) - starts[by_rank[grouped]]
+    pos = torch.empty_like(by_rank)
+    pos[order] = pos_by_rank
+    return pos.view(k, num_tokens).T.contiguous()
+
+
+def capacity_mask(
+    experts: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    probs: torch.Tensor | None = None,
+    policy: DropPolicy = "position",
+) -> torch.Tensor:
+    """Which token-slots fit into ``capacity`` slots per expert. -> ``keep: [T, k]`` bool.
+
+    Priority ``"position"`` (Switch, GShard): first choices of all tokens, in token order, then second
+    choices, ...; ``"probability"``: slots with the highest router probability ``probs: [T, k]`` first.
+    No expert ever keeps more than ``capacity`` slots.
+    """
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    return queue_positions(experts, num_experts, probs, policy) < capacity
+
+
+def sort_by_expert(
+    experts: torch.Tensor, num_experts: int, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group token-slots by expert ("expert batching").
 
-    experts: ``[T, k]`` -> ``order: [T*k]`` slot ids sorted by expert (stable: token order kept within an
-    expert; slot ``s`` is token ``s // k``), and ``counts: [E]`` slots per expert.
+    experts: ``[T, k]`` -> ``order: [S]`` slot ids sorted by expert (stable: token order kept within an
+    expert; slot ``s`` is token ``s // k``), and ``counts: [E]`` slots per expert. With ``keep: [T, k]``
+    only the kept slots appear (``S = keep.sum()``); without it ``S = T * k``.
     """
     flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return order, counts
+    if keep is None:
+        return torch.argsort(flat, stable=True), tokens_per_expert(experts, num_experts)
+    flat = torch.where(keep.reshape(-1), flat, num_experts)  # dropped slots sort last, into a bin we cut off
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    return torch.argsort(flat, stable=True)[: int(counts.sum())], counts
 
 
-def dispatch_loop(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, ffns: Experts) -> torch.Tensor:
-    """Reference: for each expert, gather its tokens, run it, add the gated outputs back."""
+def dispatch_loop(
+    x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, ffns: Experts, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference: for each expert, gather its (kept) tokens, run it, add the gated outputs back."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(ffns.num_experts):
-        token_idx, slot = torch.where(experts == e)
+        chosen = experts == e if keep is None else (experts == e) & keep
+        token_idx, slot = torch.where(chosen)
         if token_idx.numel() == 0:
             continue
         out = ffns.forward_one(e, x[token_idx])
@@ -43,29 +134,50 @@ def dispatch_loop(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, f
 
 
 def dispatch_sorted(
-    x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, ffns: Experts, *, fused: bool | None = None
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    gates: torch.Tensor,
+    ffns: Experts,
+    keep: torch.Tensor | None = None,
+    *,
+    fused: bool | None = None,
 ) -> torch.Tensor:
-    """Fast path: one permutation, grouped GEMMs, one inverse permutation, a weighted sum over k."""
+    """Fast path: one permutation, grouped GEMMs, one inverse permutation, a weighted sum over k.
+
+    Dropped slots are left out of the GEMMs and their rows stay exactly zero.
+    """
     num_tokens, k = experts.shape
-    order, counts = sort_by_expert(experts, ffns.num_experts)
-    h = ffns.forward_grouped(x[order // k], counts, fused=fused)  # [T*k, d] in expert order
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    slots = h[inverse].view(num_tokens, k, -1)  # back to token order
-    return (slots.float() * gates.unsqueeze(-1).float()).sum(dim=1).to(h.dtype)  # sum over k in float32
+    order, counts = sort_by_expert(experts, ffns.num_experts, keep)
+    h = ffns.forward_grouped(gather_slots(x.to(compute_dtype(x)), order, k), counts, fused=fused)  # [S, d]
+    return combine_slots(h, order, gates)  # back to token order, gate-weighted sum over k in float32
 
 
-def dispatch_onehot(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, ffns: Experts) -> torch.Tensor:
+def dispatch_onehot(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    gates: torch.Tensor,
+    ffns: Experts,
+    keep: torch.Tensor | None = None,
+    *,
+    capacity: int | None = None,
+) -> torch.Tensor:
     """GShard-style: build ``combine[T, E, C]`` (gate weight of token t in slot c of expert e), dispatch with
     an einsum into ``[E, C, d]`` buffers, run experts with a batched matmul, combine with a second einsum.
-    ``C`` is the largest expert load here (dropless)."""
-    num_tokens, k = experts.shape
+
+    ``C = capacity`` when given (GShard's fixed buffer; must hold every kept slot), else the largest
+    expert load (dropless). Dropped slots get all-zero rows in ``dispatch`` and ``combine``.
+    """
     num_experts = ffns.num_experts
     mask = torch.nn.functional.one_hot(experts, num_experts)  # [T, k, E]
+    if keep is not None:
+        mask = mask * keep.unsqueeze(-1)
     # position of each slot in its expert's buffer: slots counted in (token, k) order
     position = (mask.reshape(-1, num_experts).cumsum(0).reshape(mask.shape) - 1) * mask
-    capacity = int(mask.sum(dim=(0, 1)).max())
-    pos_onehot = torch.nn.functional.one_hot(position.sum(-1), capacity)  # [T, k, C]
+    load = int(mask.sum(dim=(0, 1)).max()) if mask.numel() else 0
+    if capacity is not None and capacity < load:
+        raise ValueError(f"capacity={capacity} is smaller than the largest kept expert load {load}")
+    buffer = max(load if capacity is None else capacity, 1)
+    pos_onehot = torch.nn.functional.one_hot(position.sum(-1), buffer)  # [T, k, C]
     dtype = compute_dtype(x)
     dispatch = torch.einsum("tke,tkc->tec", mask.to(dtype), pos_onehot.to(dtype))  # 0/1
     combine = torch.einsum("tke,tkc,tk->tec", mask.to(dtype), pos_onehot.to(dtype), gates.to(dtype))

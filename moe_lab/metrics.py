@@ -8,8 +8,11 @@ import torch
 
 
 def tokens_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Count token-slots per expert. experts: ``[T, k]`` int -> ``[E]`` int64 (sums to ``T*k``)."""
-    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+    """Count token-slots per expert. experts: ``[T, k]`` int -> ``[E]`` int64 (sums to ``T*k``).
+
+    A scatter-add of ones rather than ``torch.bincount``, which waits for the GPU to size its output."""
+    flat = experts.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def max_violation(load: torch.Tensor) -> float:
@@ -28,3 +31,31 @@ def routing_entropy(probs: torch.Tensor) -> float:
     """
     p = probs.float()
     return float(-(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean())
+
+
+def max_over_mean(load: torch.Tensor) -> float:
+    """max_i load_i / mean load (Shazeer et al. 2017, Table 6: 17.80 without balancing). 1 is perfect balance."""
+    return 1.0 + max_violation(load)
+
+
+def coefficient_of_variation(load: torch.Tensor) -> float:
+    """CV = std / mean of ``load: [E]`` (population std; Shazeer et al. 2017, Table 6). 0 is perfect balance."""
+    load = load.float()
+    mean = load.mean()
+    if mean == 0:
+        raise ValueError("load must have at least one routed token (its mean is 0)")
+    return float(load.std(unbiased=False) / mean) if load.numel() > 1 else 0.0
+
+
+def drop_rate(dropped: torch.Tensor) -> float:
+    """Fraction of token-slots dropped by expert capacity. dropped: ``[T, k]`` bool -> float in [0, 1]."""
+    if dropped.numel() == 0:
+        return 0.0
+    return float(dropped.float().mean())
+
+
+def unrouted_fraction(dropped: torch.Tensor) -> float:
+    """Fraction of tokens that lost *all* their k slots (only the residual carries them). dropped: ``[T, k]``."""
+    if dropped.numel() == 0:
+        return 0.0
+    return float(dropped.all(dim=-1).float().mean())

@@ -1,11 +1,15 @@
 """Routing: turn router logits into (probabilities, top-k gates, selected experts).
 
+Also the two classic sources of routing noise: Shazeer et al. 2017's noisy top-k (a learned, per-expert
+Gaussian noise scale) and the Switch Transformer's multiplicative jitter on the router input. Both are
+for training only: evaluation routing is deterministic.
+
 Shapes: ``T`` tokens, ``E`` experts, ``k`` experts per token.
 Router math always runs in float32, whatever the input dtype or autocast setting.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -93,3 +97,73 @@ class Router(nn.Module):
         """x: ``[T, d_model]`` -> logits ``[T, E]`` in float32."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), self.weight.float())
+
+
+def dense_gates(gates: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Scatter the top-k gates into a dense ``[T, E]`` matrix ``G(x)`` (zeros for unselected experts).
+
+    gates: ``[T, k]``, experts: ``[T, k]`` -> ``[T, E]`` float32 (differentiable in ``gates``).
+    """
+    out = torch.zeros(gates.shape[0], num_experts, dtype=torch.float32, device=gates.device)
+    return out.scatter(1, experts, gates.float())
+
+
+def multiplicative_jitter(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Switch Transformer jitter: multiply the router input by ``U(1 - eps, 1 + eps)`` elementwise.
+
+    Applied to the copy of ``x: [T, d_model]`` that the router sees, in training only (the experts get the
+    clean ``x``). ``eps = 0`` returns ``x`` unchanged; Switch used ``eps = 1e-2``.
+    """
+    if not 0 <= eps < 1:
+        raise ValueError(f"jitter_eps must satisfy 0 <= jitter_eps < 1, got {eps!r}")
+    if eps == 0:
+        return x
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return x * (1 - eps + 2 * eps * noise).to(x.dtype)
+
+
+class NoisyLogits(NamedTuple):
+    """Output of :class:`NoisyTopKRouter` (all ``[T, E]`` float32).
+
+    clean: ``x W_g``.  noise_std: ``softplus(x W_noise)``.  noisy: ``clean + N(0, 1) * noise_std`` in
+    training, ``clean`` in evaluation (``H(x)`` in Shazeer et al. 2017, eq. 4).
+    """
+
+    clean: torch.Tensor
+    noise_std: torch.Tensor
+    noisy: torch.Tensor
+
+
+def add_gating_noise(
+    clean: torch.Tensor, noise_std: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``H = clean + N(0, 1) * noise_std`` for ``[T, E]`` logits (Shazeer et al. 2017, eq. 4)."""
+    noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=torch.float32)
+    return clean.float() + noise * noise_std.float()
+
+
+class NoisyTopKRouter(nn.Module):
+    """Shazeer et al. 2017 noisy top-k router: ``H(x) = x W_g + N(0, 1) * softplus(x W_noise)``.
+
+    ``weight`` (``W_g``) and ``noise_weight`` (``W_noise``) are ``[E, d_model]`` and start at zero, as in
+    the paper: at initialisation every expert has the same clean logit and a noise scale of
+    ``softplus(0) = log 2``, so the noise alone picks the experts. Noise is sampled only in training mode.
+    Use :func:`softmax_topk` on ``noisy`` for the gates; the paper's form (softmax over the kept top-k
+    noisy logits) equals ``softmax_order="before_topk", renormalize=True``.
+    """
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.weight = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> NoisyLogits:
+        """x: ``[T, d_model]`` -> :class:`NoisyLogits` of ``[T, E]`` float32 tensors."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            clean = F.linear(x, self.weight.float())
+            noise_std = F.softplus(F.linear(x, self.noise_weight.float()))
+        noisy = add_gating_noise(clean, noise_std, generator) if self.training else clean
+        return NoisyLogits(clean, noise_std, noisy)
