@@ -1,0 +1,127 @@
+"""The toy MoE transformer: presets, attention against a slow reference, causality, RoPE, schedules, losses."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_lab.model import TOY_PRESETS, Attention, ModelConfig, MoETransformer, rope, toy_config
+
+
+def test_presets_build_and_run():
+    tokens = torch.randint(0, 256, (2, 12))
+    for name in TOY_PRESETS:
+        cfg = toy_config(name, d_model=32, n_heads=2)
+        model = MoETransformer(cfg)
+        logits, infos = model(tokens)
+        assert logits.shape == (2, 12, 256)
+        assert len(infos) == sum(cfg.moe_layers)
+        for info in infos:
+            assert info.experts.shape == (24, cfg.k)
+
+
+def test_preset_schedules_and_routing_options():
+    assert toy_config("dense").moe_layers == [False] * 4
+    assert toy_config("glam").moe_layers == [False, True, False, True]
+    assert toy_config("deepseek").moe_layers == [False, True, True, True]
+    switch, st_moe, mixtral = toy_config("switch"), toy_config("st_moe"), toy_config("mixtral")
+    assert (switch.k, switch.capacity_factor, switch.renormalize) == (1, 1.0, False)
+    assert (st_moe.k, st_moe.capacity_factor, st_moe.z_coef) == (2, 1.25, 1e-3)
+    assert (mixtral.k, mixtral.capacity_factor, mixtral.activation) == (2, None, "swiglu")
+    with pytest.raises(ValueError, match="name must be one of"):
+        toy_config("gshard")
+
+
+def test_presets_have_equal_active_ffn_width():
+    for name in TOY_PRESETS:
+        cfg = toy_config(name)
+        if cfg.num_experts:
+            assert (cfg.k + cfg.n_shared) * cfg.d_expert == cfg.d_ff, name
+
+
+def _slow_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    b, n, _ = x.shape
+    h, kv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = rope(attn.q(x).view(b, n, h, hd).transpose(1, 2))
+    k = rope(attn.k(x).view(b, n, kv, hd).transpose(1, 2))
+    v = attn.v(x).view(b, n, kv, hd).transpose(1, 2)
+    out = torch.zeros(b, h, n, hd)
+    for head in range(h):
+        g = head // (h // kv)  # query head -> its key/value group
+        scores = q[:, head] @ k[:, g].transpose(1, 2) / math.sqrt(hd)
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out[:, head] = scores.softmax(-1) @ v[:, g]
+    return attn.o(out.transpose(1, 2).reshape(b, n, h * hd))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_matches_slow_reference(kv_heads):
+    attn = Attention(32, 4, kv_heads)
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(attn(x), _slow_attention(attn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_model_is_causal():
+    model = MoETransformer(toy_config("mixtral", d_model=32, n_heads=2)).eval()
+    a = torch.randint(0, 256, (1, 16))
+    b = a.clone()
+    b[0, 10:] = torch.randint(0, 256, (6,))
+    with torch.no_grad():
+        la, lb = model(a)[0], model(b)[0]
+    torch.testing.assert_close(la[:, :10], lb[:, :10])
+
+
+def test_rope_is_a_rotation_with_relative_positions():
+    q, k = torch.randn(1, 1, 1, 16).expand(1, 1, 8, 16), torch.randn(1, 1, 1, 16).expand(1, 1, 8, 16)
+    rq, rk = rope(q.contiguous()), rope(k.contiguous())
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))
+    dots = (rq[0, 0, :, None] * rk[0, 0, None, :]).sum(-1)  # [8, 8], depends only on i - j
+    torch.testing.assert_close(dots[3, 1], dots[6, 4])
+    torch.testing.assert_close(dots[0, 0], (q[0, 0, 0] * k[0, 0, 0]).sum())
+
+
+def test_single_expert_moe_equals_dense_model():
+    """E=1, k=1, renormalised: the gate is 1 and the MoE FFN is the dense FFN with the same weights."""
+    dense = MoETransformer(ModelConfig())
+    moe = MoETransformer(ModelConfig(num_experts=1, k=1))
+    missing = moe.load_state_dict(dense.state_dict(), strict=False)  # same names: ffn.experts.w1, ...
+    assert all(name.endswith("router.weight") for name in missing.missing_keys) and not missing.unexpected_keys
+    tokens = torch.randint(0, 256, (2, 10))
+    torch.testing.assert_close(moe(tokens)[0], dense(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_expert_adds_an_always_on_ffn():
+    model = MoETransformer(toy_config("deepseek"))
+    block = model.blocks[1]
+    x = torch.randn(2, 5, 64)
+    h = block.ffn_norm(x + block.attn(block.attn_norm(x)))
+    expected = x + block.attn(block.attn_norm(x)) + block.ffn(h)[0] + block.shared(h)
+    torch.testing.assert_close(block(x)[0], expected)
+
+
+def test_loss_combines_cross_entropy_aux_and_z():
+    cfg = toy_config("st_moe")
+    model = MoETransformer(cfg)
+    x, y = torch.randint(0, 256, (2, 2, 16))
+    out = model.loss(x, y)
+    logits, infos = model(x)
+    torch.testing.assert_close(out.ce, F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1)))
+    torch.testing.assert_close(out.aux, sum(i.aux_loss for i in infos))
+    torch.testing.assert_close(out.z, sum(i.z_loss for i in infos))
+    torch.testing.assert_close(out.total, out.ce + 1e-2 * out.aux + 1e-3 * out.z)
+
+
+def test_switch_capacity_drops_tokens_and_tied_embeddings():
+    model = MoETransformer(toy_config("switch", tie_embeddings=True))
+    assert model.lm_head is None
+    _, infos = model(torch.randint(0, 256, (4, 32)))
+    assert all(0.0 <= i.drop_rate < 1.0 for i in infos)
+    assert any(i.drop_rate > 0 for i in infos)  # capacity factor 1.0 with an untrained router overflows
+
+
+def test_bad_input_raises():
+    model = MoETransformer(ModelConfig(n_layers=1))
+    with pytest.raises(ValueError, match="idx"):
+        model(torch.randint(0, 256, (8,)))
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        Attention(32, 4, 3)

@@ -1,0 +1,120 @@
+"""Training loop, history and data: the corpus is the interpreter's own standard library, batches are shifted
+windows, the synthetic domains obey their construction."""
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_lab.data import get_batch, stdlib_corpus, stdlib_files, synthetic_domains, train_val_split
+from moe_lab.model import MoETransformer, toy_config
+from moe_lab.train import evaluate, lr_at, train
+
+SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train fastest on one thread; more threads on a shared 2-core machine oversubscribe it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stdlib_corpus_is_the_standard_library_source():
+    first = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[0]
+    data = stdlib_corpus(5000)
+    assert stdlib_files()[0] == first
+    assert data.dtype == torch.int64 and len(data) == 5000
+    expected = (first.read_bytes() + b"\n\n")[:5000]
+    assert bytes(data[: len(expected)].tolist()) == expected
+    with pytest.raises(ValueError, match="max_bytes"):
+        stdlib_corpus(0)
+
+
+def test_batches_are_shifted_windows():
+    data = torch.arange(100)
+    x, y = get_batch(data, 5, 8, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 8)
+    torch.testing.assert_close(y, x + 1)
+    assert torch.equal(x[:, 1:], x[:, :-1] + 1)
+    train_part, val_part = train_val_split(data, 0.2)
+    assert torch.equal(torch.cat([train_part, val_part]), data) and len(val_part) == 20
+    with pytest.raises(ValueError, match="seq_len"):
+        get_batch(data, 1, 100)
+
+
+def test_synthetic_domains_follow_their_construction():
+    tokens, domains = synthetic_domains(200, 30, num_domains=3, tokens_per_domain=8, seed=1)
+    assert tokens.shape == (200, 30) and domains.shape == (200,)
+    assert torch.equal(tokens // 8, domains[:, None].expand(-1, 30))  # each sequence stays in its domain's range
+    again = synthetic_domains(200, 30, num_domains=3, tokens_per_domain=8, seed=1)
+    assert torch.equal(again[0], tokens)
+    # peaked chains: the most frequent successor of a token is far above chance (1/8)
+    pairs = torch.stack([tokens[:, :-1].reshape(-1), tokens[:, 1:].reshape(-1)])
+    counts = torch.zeros(24, 24).index_put_(tuple(pairs), torch.ones(pairs.shape[1]), accumulate=True)
+    top = counts.max(1).values.sum() / counts.sum()
+    assert top > 0.3
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.55)
+
+
+def test_training_reduces_loss_and_records_history():
+    data = stdlib_corpus(20_000)
+    torch.manual_seed(0)
+    model = MoETransformer(toy_config("switch", **SMALL))
+    h = train(model, data, steps=25, batch_size=8, seq_len=32, lr=1e-2, progress=False, val_data=data[-2000:],
+              eval_every=10)
+    assert len(h.loss) == len(h.ce) == len(h.step_time) == len(h.drop_rate) == 25
+    assert sum(h.ce[-5:]) / 5 < h.ce[0] - 1.0  # from ~ln 256 = 5.5 to well below
+    assert h.ce[0] == pytest.approx(math.log(256), abs=0.5)
+    load = h.expert_load()
+    assert load.shape == (25, 2, 8)
+    assert torch.all(load.sum(-1) == 8 * 32 * 1)  # T * k slots per layer per step
+    assert all(0 <= d < 1 for d in h.drop_rate) and max(h.drop_rate) > 0  # capacity factor 1.0 drops
+    assert [s for s, _ in h.val] == [10, 20, 25]
+    for loss, ce, aux, z in zip(h.loss, h.ce, h.aux, h.z):
+        assert loss == pytest.approx(ce + 1e-2 * aux, rel=1e-5)
+
+
+def test_training_is_deterministic_and_dense_history_has_no_load():
+    data = stdlib_corpus(10_000)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(train(MoETransformer(toy_config("dense", **SMALL)), data, steps=3, batch_size=4, seq_len=16,
+                          progress=False))
+    assert runs[0].loss == runs[1].loss
+    assert runs[0].expert_load().shape == (3, 0, 0)
+    assert runs[0].aux == [0.0] * 3
+
+
+def test_evaluate_restores_mode():
+    model = MoETransformer(toy_config("mixtral", **SMALL))
+    data = stdlib_corpus(5000)
+    loss = evaluate(model, data, batch_size=2, seq_len=16, batches=2)
+    assert model.training and loss == pytest.approx(math.log(256), abs=0.5)
+    with pytest.raises(ValueError, match="steps"):
+        train(model, data, steps=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_matches_cpu_start():
+    data = stdlib_corpus(10_000)
+    histories = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = MoETransformer(toy_config("st_moe", **SMALL)).to(device)
+        histories.append(train(model, data, steps=3, batch_size=4, seq_len=16, progress=False))
+    cpu, cuda = histories
+    assert cuda.ce[0] == pytest.approx(cpu.ce[0], rel=1e-4)  # same weights, same batch: same first loss
+    assert torch.equal(cuda.expert_load()[0], cpu.expert_load()[0])
