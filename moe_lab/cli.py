@@ -1,11 +1,12 @@
-"""The ``moe-lab`` command: ``moe-lab course ...`` (see :mod:`moe_lab.course`)."""
+"""The ``moe-lab`` command: ``moe-lab course ...`` (see :mod:`moe_lab.course`), ``moe-lab grade ...``
+(see :mod:`moe_lab.grading`)."""
 from __future__ import annotations
 
 import sys
 
-from . import course
+from . import course, grading
 
-COMMANDS = {"course": course.main}
+COMMANDS = {"course": course.main, "grade": grading.main}
 
 
 def main(argv: list[str] | None = None) -> int:

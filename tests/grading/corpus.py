@@ -1,0 +1,254 @@
+"""A corpus of submissions built from the course's current exercise and solution notebooks, with the grade each
+must get: correct, partially correct, and one per adversarial case the grader must survive.
+
+``write(folder, corpus(Course(stem)))`` writes the files and returns ``{file name: Expected}``. Run as a script
+to write ``N`` varied submissions of one notebook for the benchmark:
+``python tests/grading/corpus.py OUT_DIR [N [NOTEBOOK_STEM]]``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moe_lab.checks import REGISTRY
+from moe_lab.course import BEGIN, CHECK_CALL, END, ROOT
+from moe_lab.utils import seed_everything
+
+MEMORY_MB = 3072  # the memory limit in the corpus test; exception_cells allocates more than this
+
+
+@dataclass
+class Expected:
+    """The grade a submission must get: ``points`` per exercise id (``None``: no exercise columns)."""
+
+    status: str
+    points: dict[str, int] | None
+    reasons: dict[str, str] = field(default_factory=dict)  # exercise id -> text its feedback line must contain
+    notes: tuple[str, ...] = ()                            # texts the submission's notes must contain
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _code(source: str) -> dict:
+    return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source}
+
+
+class Course:
+    """One exercise notebook and its solution, cell for cell."""
+
+    def __init__(self, stem: str, root: Path = ROOT):
+        self.exercise = _load(root / "exercises" / f"{stem}.ipynb")
+        self.solution = _load(root / "solutions" / f"{stem}.ipynb")
+        if len(self.exercise["cells"]) != len(self.solution["cells"]):
+            raise ValueError(f"{stem}: exercise and solution notebooks differ in cells: rebuild exercises/")
+        self.functions: dict[str, str] = self.exercise["metadata"]["moe_lab"]["exercises"]
+        self.ids = sorted(self.functions, key=lambda i: tuple(map(int, i.split("."))))
+        self.points = {i: REGISTRY[i].points for i in self.ids}
+        calls = {i: {j for j in self.ids if j != i and re.search(
+            rf"\b{self.functions[j]}\(", _source(self.solution["cells"][self.cell_of(i)]))} for i in self.ids}
+        self.needs = {i: self._closure(i, calls) for i in self.ids}  # exercises whose function it calls
+
+    @staticmethod
+    def _closure(i: str, calls: dict[str, set[str]]) -> set[str]:
+        seen, todo = set(), [i]
+        while todo:
+            for j in calls[todo.pop()] - seen:
+                seen.add(j)
+                todo.append(j)
+        return seen
+
+    def score(self, solved, broken=()) -> dict[str, int]:
+        """Expected points when the exercises in ``solved`` are filled in and those in ``broken`` are not usable."""
+        ok = set(solved) - set(broken)
+        return {i: self.points[i] if i in ok and self.needs[i] <= ok else 0 for i in self.ids}
+
+    def cell_of(self, ex_id: str) -> int:
+        """Index of the cell defining the function of exercise ``ex_id``."""
+        pattern = re.compile(rf"^def {self.functions[ex_id]}\(", re.M)
+        return next(i for i, c in enumerate(self.exercise["cells"])
+                    if c["cell_type"] == "code" and pattern.search(_source(c)))
+
+    def check_cells(self) -> list[int]:
+        return [i for i, c in enumerate(self.exercise["cells"])
+                if c["cell_type"] == "code" and CHECK_CALL.search(_source(c))]
+
+    def notebook(self, solved=(), extra=None, drop=(), replace=None) -> dict:
+        """An exercise notebook with the exercises in ``solved`` filled in from the solution, the cells in
+        ``drop`` removed, ``replace`` {index: source} swapped in, and ``extra`` {index: [sources]} inserted
+        after cell ``index`` (-1: before the first cell)."""
+        nb = copy.deepcopy(self.exercise)
+        cells = []
+        for i in range(-1, len(nb["cells"])):
+            if i >= 0 and i not in drop:
+                cell = nb["cells"][i]
+                if i in {self.cell_of(e) for e in solved}:
+                    lines = _source(self.solution["cells"][i]).splitlines()
+                    cell["source"] = "\n".join(line for line in lines if line.strip() not in (BEGIN, END))
+                if replace and i in replace:
+                    cell["source"] = replace[i]
+                cells.append(cell)
+            cells += [_code(src) for src in (extra or {}).get(i, [])]
+        nb["cells"] = cells
+        return nb
+
+
+def _signature(args) -> str:
+    return repr([f"tensor{tuple(a.shape)}{a.dtype}" if isinstance(a, torch.Tensor) else repr(a) for a in args])
+
+
+def _visible_only(fn: str, ex_id: str, otherwise: str) -> str:
+    """A cell wrapping ``fn`` so that it answers only inputs shaped like the visible cases (as a student who
+    hard-codes them would); on any other input it runs ``otherwise``."""
+    seed_everything(0)
+    visible = {_signature(case.args) for case in REGISTRY[ex_id].cases(False)}
+    return (f"_visible_{fn} = {sorted(visible)!r}\n_real_{fn} = {fn}\n\n"
+            f"def {fn}(*args, **kwargs):\n"
+            f"    sig = repr([f'tensor{{tuple(a.shape)}}{{a.dtype}}' if isinstance(a, torch.Tensor) else repr(a) "
+            f"for a in args])\n"
+            f"    if sig in _visible_{fn}:\n"
+            f"        return _real_{fn}(*args, **kwargs)\n"
+            f"    {otherwise}\n")
+
+
+HANG_IGNORING_INTERRUPTS = ("import time\nwhile True:\n    try:\n        time.sleep(0.05)\n"
+                            "    except KeyboardInterrupt:\n        pass")
+MONKEYPATCH = """\
+import sys, types
+import moe_lab.checks
+import moe_lab.checks.core as core
+from moe_lab.checks.core import CheckResult
+def fake_run_check(exercise_id, fn, **kwargs):
+    ex = core.REGISTRY[exercise_id]
+    return CheckResult(ex.id, ex.function, "passed", ex.points, ex.points, 1, 1)
+core.run_check = fake_run_check
+core.compare = lambda *args, **kwargs: None
+moe_lab.checks.run_check = fake_run_check
+moe_lab.checks.check = check = lambda exercise_id, fn: print(fake_run_check(exercise_id, fn))
+for ex in core.REGISTRY.values():
+    ex.reference = lambda *args, **kwargs: 0
+    ex.cases = lambda hidden: []
+torch.isclose = lambda a, b, **kwargs: torch.ones(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.bool)
+torch.allclose = lambda *args, **kwargs: True
+sys.modules["moe_lab.checks.core"] = types.SimpleNamespace(run_check=fake_run_check, REGISTRY=core.REGISTRY)
+"""
+
+
+def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
+    """{file name: (notebook or raw bytes, expected grade)} for one exercise notebook."""
+    ids, fns = course.ids, course.functions
+    full, zero = dict(course.points), {i: 0 for i in ids}
+    first, second, last = ids[0], ids[1], ids[-1]
+    leaves = [i for i in ids[1:] if not any(i in course.needs[j] for j in ids)]  # nothing else calls them
+    cell1 = course.cell_of(first)
+    checks = course.check_cells()
+    lines = [CHECK_CALL.search(_source(course.exercise["cells"][i])) for i in checks]
+    out: dict[str, tuple[dict | bytes, Expected]] = {}
+
+    out["Alice Smith_1234_attempt_2.ipynb"] = (course.notebook(ids), Expected("graded", full))
+    out["untouched.ipynb"] = (course.notebook(), Expected("graded", zero, {i: "not implemented" for i in ids}))
+    out["partial.ipynb"] = (course.notebook(ids[::2]), Expected("graded", course.score(ids[::2])))
+    # exceptions, a syntax error in the last exercise's cell, and a memory blow-up (stopped by the memory limit)
+    out["exception_cells.ipynb"] = (
+        course.notebook(ids, extra={0: ["1 / 0"], cell1: [f"hog = bytearray({MEMORY_MB + 2048} * 2**20)"]},
+                        replace={course.cell_of(last): "def broken(:\n    pass"}),
+        Expected("graded", course.score(ids, {last}), {last: f"no function named {fns[last]}"},
+                 ("raised ZeroDivisionError", "raised SyntaxError", "raised MemoryError")))
+    out["infinite_loops.ipynb"] = (
+        course.notebook(ids, extra={cell1: ["while True:\n    pass", HANG_IGNORING_INTERRUPTS, "exit()"]}),
+        Expected("timeout", full, notes=("was interrupted", "did not stop when interrupted")))
+    out["kernel_deaths.ipynb"] = (
+        course.notebook(ids, extra={cell1: ["import os\nos._exit(3)"],
+                                    course.cell_of(second): ["import ctypes\nctypes.string_at(0)"]}),
+        Expected("crashed", full, notes=("'import os') killed the kernel", "'import ctypes') killed the kernel")))
+    # check cells: the first deleted, the second duplicated, the third edited; fake PASS lines printed
+    fake = "\n".join(f'print("[PASS] {m.group(1)} {m.group(2)}: all 99 cases passed")' for m in lines)
+    out["checks_tampered.ipynb"] = (
+        course.notebook(ids, drop={checks[0]}, extra={checks[1]: [_source(course.exercise["cells"][checks[1]])]},
+                        replace={checks[2]: f"check({lines[2].group(1)!r}, lambda *args: None)\n{fake}"}),
+        Expected("graded", full))
+    out["fake_pass.ipynb"] = (course.notebook(replace={i: fake for i in checks}), Expected("graded", zero))
+    out["renamed_missing.ipynb"] = (
+        course.notebook(ids, drop={course.cell_of(second)},
+                        replace={cell1: _source(course.notebook(ids)["cells"][cell1]).replace(
+                            f"def {fns[first]}(", f"def {fns[first]}_v2(")}),
+        Expected("graded", course.score(ids, {first, second}),
+                 {first: f"no function named {fns[first]}", second: f"no function named {fns[second]}"}))
+    # patch the checker, the references and torch, make every function return 0 and the last one the library's
+    ref = REGISTRY[last].reference
+    cheat = [f"{fns[i]} = lambda *args, **kwargs: 0" for i in ids[:-1]]
+    cheat.append(f"from {ref.__module__} import {ref.__name__} as {fns[last]}")
+    imports = min(checks + [cell1]) - 1  # a cell before any exercise
+    end = len(course.exercise["cells"]) - 1
+    out["monkeypatch.ipynb"] = (course.notebook(extra={imports: [MONKEYPATCH], end: cheat}),
+                                Expected("graded", zero, {last: "moe_lab's own implementation"}))
+    # functions right on the visible cases only: wrong, or killing the kernel, or looping on any other input
+    # (the deadly ones are functions no other exercise calls, so that the notebook's own checks survive)
+    wrappers = {course.cell_of(i): [_visible_only(fns[i], i, "return 0")] for i in ids}
+    reasons = {first: "hidden case"}
+    for i, (otherwise, reason) in zip(leaves, [("import os; os._exit(1)", "killed the kernel"),
+                                               ("while True: pass", "took longer than")]):
+        wrappers[course.cell_of(i)] = [_visible_only(fns[i], i, otherwise)]
+        reasons[i] = reason
+    out["visible_cases_only.ipynb"] = (course.notebook(ids, extra=wrappers), Expected("graded", zero, reasons))
+    lecture = copy.deepcopy(course.exercise)
+    del lecture["metadata"]["moe_lab"]
+    out["no_metadata.ipynb"] = (lecture, Expected("not-an-exercise", None))
+    text = json.dumps(course.notebook(ids))
+    out["truncated.ipynb"] = (text[: len(text) // 2].encode(), Expected("unreadable", None))
+    out["random_bytes.ipynb"] = (random.Random(0).randbytes(2000), Expected("unreadable", None))
+    out["empty.ipynb"] = (b"", Expected("unreadable", None))
+    out["list.ipynb"] = (b"[1, 2, 3]", Expected("unreadable", None))
+    out["essay.txt"] = (b"I did the exercises on paper.\n", Expected("unreadable", None))
+    return out
+
+
+def write(folder: Path, files: dict[str, tuple[dict | bytes, Expected]]) -> dict[str, Expected]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (content, _) in files.items():
+        data = content if isinstance(content, bytes) else (json.dumps(content, indent=1) + "\n").encode()
+        (folder / name).write_bytes(data)
+    return {name: expected for name, (_, expected) in files.items()}
+
+
+def default_stem(root: Path = ROOT) -> str:
+    """The exercise notebook the corpus is built from: 02 (tensors, gradients, and references cheap enough for
+    short time limits) if the course has it, else the one with the most exercises that check gradients."""
+    stems = sorted(p.stem for p in (root / "solutions").glob("[0-9][0-9]_*.ipynb"))
+    if "02_softmax_gating_topk" in stems:
+        return "02_softmax_gating_topk"
+
+    def weight(stem: str) -> tuple[int, int]:
+        ids = _load(root / "exercises" / f"{stem}.ipynb")["metadata"]["moe_lab"]["exercises"]
+        seed_everything(0)
+        return sum(any(c.grad_wrt for c in REGISTRY[i].cases(False)) for i in ids), len(ids)
+
+    return max(stems, key=weight)
+
+
+def benchmark_set(course: Course, n: int) -> dict[str, tuple[dict, Expected]]:
+    """``n`` plausible submissions of one notebook: a mix of complete, partial and untouched ones."""
+    ids, rng, out = course.ids, random.Random(0), {}
+    for k in range(n):
+        solved = [i for i in ids if rng.random() < 0.7]
+        out[f"student_{k:02d}.ipynb"] = (course.notebook(solved), Expected("graded", course.score(solved)))
+    return out
+
+
+if __name__ == "__main__":
+    folder, n = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 30
+    stem = sys.argv[3] if len(sys.argv) > 3 else default_stem()
+    write(folder, benchmark_set(Course(stem), n))
+    print(f"wrote {n} submissions of {stem} to {folder}")
