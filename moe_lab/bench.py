@@ -1,0 +1,310 @@
+"""Benchmark harness: ``python -m moe_lab.bench`` times MoE implementations side by side.
+
+Rows (same sizes, same input):
+
+- ``dense``: a dense FFN of width ``k * d_ff``: the same active expert FLOPs per token, the ceiling to approach;
+- ``sorted``: ``moe_lab``'s fast path (sort by expert + grouped GEMM, :func:`moe_lab.dispatch.dispatch_sorted`);
+- ``loop``: a Python loop over experts (the eager style of popular model code);
+- ``onehot``: GShard's one-hot einsum dispatch, skipped when its ``[T, E, C]`` tensors would not fit.
+
+Each row reports the forward time (autograd on, as in training), the forward+backward time (gradients for the
+input and every parameter), tokens/s (tokens / forward+backward time) and the peak memory one forward+backward
+allocates on top of what was allocated before it (activations, temporaries and gradients; CUDA: the caching
+allocator's peak; CPU: the profiler's allocation events). Times are medians over ``--repeats`` after
+``--warmup`` untimed runs, with device synchronisation; the implementations are timed in interleaved rounds
+so that load changes on a shared machine hit every row alike. ``--dtype bf16`` puts the expert / FFN weights
+and activations in bfloat16; the router stays in float32.
+
+On a CPU shared with other busy processes, run with ``OMP_WAIT_POLICY=PASSIVE`` (or ``--threads 1``): with
+OpenMP's default spin-waiting, an MoE layer's many small parallel regions slow down several-fold when the
+cores are oversubscribed, far more than the dense FFN's few large ones.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .experts import FFN
+from .layer import MoELayer
+from .utils import seed_everything
+
+IMPLEMENTATIONS = ("dense", "sorted", "loop", "onehot")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BenchConfig:
+    """Sizes and timing settings of one benchmark run."""
+
+    tokens: int = 4096
+    d_model: int = 256
+    d_ff: int = 512
+    experts: int = 32
+    k: int = 2
+    device: str = "cpu"
+    dtype: str = "fp32"
+    activation: str = "swiglu"
+    warmup: int = 2
+    repeats: int = 7
+    onehot_max_bytes: int | None = None  # None: half the free memory of the device
+    seed: int = 0
+
+
+@dataclass
+class BenchRow:
+    """One implementation's measurements (``None`` when skipped; ``note`` says why)."""
+
+    implementation: str
+    device: str
+    dtype: str
+    tokens: int
+    d_model: int
+    d_ff: int
+    experts: int
+    k: int
+    fwd_ms: float | None
+    fwd_bwd_ms: float | None
+    tokens_per_s: float | None
+    peak_mem_bytes: int | None
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(name: str, cfg: BenchConfig) -> nn.Module:
+    """The module behind one row; its forward maps ``x: [T, d_model]`` to ``[T, d_model]``."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
+    dtype = DTYPES[cfg.dtype]
+    seed_everything(cfg.seed)
+    if name == "dense":
+        return FFN(cfg.d_model, cfg.k * cfg.d_ff, cfg.activation).to(cfg.device, dtype)
+    layer = MoELayer(cfg.d_model, cfg.d_ff, cfg.experts, cfg.k, activation=cfg.activation, dispatch=name)
+    layer.experts.to(cfg.device, dtype)  # the router keeps float32 weights
+    return layer.to(cfg.device)
+
+
+def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = module(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def onehot_bytes(cfg: BenchConfig, max_load: int) -> int:
+    """Rough bytes of the one-hot path's big tensors: ~6 ``[T, E, C]`` tensors (dispatch, combine, their
+    one-hot factors and gradients) with ``C`` the largest expert load."""
+    return 6 * cfg.tokens * cfg.experts * max_load * torch.finfo(DTYPES[cfg.dtype]).bits // 8
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 8 * 2**30
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop log lines); Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated while ``step()`` runs, above what was allocated when it started."""
+    _sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # some torch versions warn about profiler cycles
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def run_benchmark(cfg: BenchConfig, implementations: tuple[str, ...] = IMPLEMENTATIONS) -> list[BenchRow]:
+    """Measure every implementation on the same input; returns one :class:`BenchRow` each, in order."""
+    device = torch.device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    seed_everything(cfg.seed)
+    x = torch.randn(cfg.tokens, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(cfg.tokens, cfg.d_model, device=device, dtype=dtype)
+    shape = {k: getattr(cfg, k) for k in ("device", "dtype", "tokens", "d_model", "d_ff", "experts", "k")}
+    modules, notes = {}, {}
+    for name in implementations:
+        module = build(name, cfg)
+        if name == "onehot":
+            with torch.no_grad():
+                max_load = int(module(x)[1].tokens_per_expert.max())
+            need = onehot_bytes(cfg, max_load)
+            limit = cfg.onehot_max_bytes if cfg.onehot_max_bytes is not None else _free_bytes(device) // 2
+            if need > limit:
+                notes[name] = (f"skipped: needs ~{need / 2**30:.1f} GiB for [T, E, C] tensors "
+                               f"(limit {limit / 2**30:.1f} GiB)")
+                continue
+        modules[name] = module
+
+    def fwd(m: nn.Module) -> None:
+        _forward(m, x)
+
+    def clear_grads(m: nn.Module) -> None:
+        for p in m.parameters():
+            p.grad = None
+        x.grad = None
+
+    def fwd_bwd(m: nn.Module) -> None:
+        _forward(m, x).backward(grad_out)
+
+    times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd_bwd": []} for n in modules}
+    for round_ in range(cfg.warmup + cfg.repeats):
+        for name, module in modules.items():
+            for kind, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                clear_grads(module)
+                _sync(device)
+                start = time.perf_counter()
+                step(module)
+                _sync(device)
+                if round_ >= cfg.warmup:
+                    times[name][kind].append(time.perf_counter() - start)
+    rows = []
+    for name in implementations:
+        if name not in modules:
+            rows.append(BenchRow(name, **shape, fwd_ms=None, fwd_bwd_ms=None, tokens_per_s=None,
+                                 peak_mem_bytes=None, note=notes[name]))
+            continue
+        fwd_s = statistics.median(times[name]["fwd"])
+        fwd_bwd_s = statistics.median(times[name]["fwd_bwd"])
+        clear_grads(modules[name])
+        peak = peak_memory(lambda: fwd_bwd(modules[name]), device)
+        rows.append(BenchRow(name, **shape, fwd_ms=round(fwd_s * 1e3, 4), fwd_bwd_ms=round(fwd_bwd_s * 1e3, 4),
+                             tokens_per_s=round(cfg.tokens / fwd_bwd_s, 1), peak_mem_bytes=int(peak)))
+    return rows
+
+
+def machine_description(device: str) -> str:
+    """The device in words (GPU name, or CPU model and thread count) and the torch version."""
+    if torch.device(device).type == "cuda":
+        what = torch.cuda.get_device_name(torch.device(device))
+    else:
+        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{what}, torch {torch.__version__}"
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A plain-text table with the forward+backward time relative to the dense FFN and the loop."""
+    by_name = {r.implementation: r for r in rows}
+    dense, loop = by_name.get("dense"), by_name.get("loop")
+    header = (f"{'implementation':<14} {'fwd ms':>10} {'fwd+bwd ms':>11} {'tokens/s':>12} {'peak MiB':>9} "
+              f"{'/dense':>7} {'loop/x':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if r.fwd_ms is None:
+            lines.append(f"{r.implementation:<14} {r.note}")
+            continue
+        vs_dense = f"{r.fwd_bwd_ms / dense.fwd_bwd_ms:.2f}x" if dense and dense.fwd_bwd_ms else "-"
+        vs_loop = f"{loop.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x" if loop and loop.fwd_bwd_ms else "-"
+        lines.append(f"{r.implementation:<14} {r.fwd_ms:>10.2f} {r.fwd_bwd_ms:>11.2f} {r.tokens_per_s:>12,.0f} "
+                     f"{r.peak_mem_bytes / 2**20:>9.1f} {vs_dense:>7} {vs_loop:>7}")
+    return "\n".join(lines)
+
+
+QUICK = {"tokens": 256, "d_model": 32, "d_ff": 64, "experts": 8, "k": 2, "warmup": 1, "repeats": 2}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m moe_lab.bench", description=__doc__.split("\n\n")[0],
+                                epilog="Columns: /dense = fwd+bwd time over the dense FFN's; "
+                                       "loop/x = the loop's fwd+bwd time over this row's.")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-ff", type=int, default=512, help="hidden width of one expert (dense FFN: k * d_ff)")
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--activation", choices=("swiglu", "gelu"), default="swiglu")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--onehot-max-gib", type=float, default=None,
+                   help="skip the one-hot row above this estimate (default: half the free memory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="a small smoke run: " + str(QUICK))
+    p.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+    cfg = BenchConfig(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, experts=args.experts, k=args.k,
+                      device=device, dtype=dtype, activation=args.activation, warmup=args.warmup,
+                      repeats=args.repeats, seed=args.seed,
+                      onehot_max_bytes=None if args.onehot_max_gib is None else int(args.onehot_max_gib * 2**30))
+    if args.quick:
+        cfg = BenchConfig(**{**asdict(cfg), **QUICK})
+    for name in ("tokens", "d_model", "d_ff", "experts", "k", "repeats"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.k > cfg.experts:
+        raise ValueError(f"k must be <= experts={cfg.experts}, got {cfg.k}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    rows = run_benchmark(cfg, tuple(args.impl))
+    if args.json:
+        for r in rows:
+            print(json.dumps(asdict(r)))
+        return
+    print(f"{machine_description(cfg.device)}; {cfg.dtype}, tokens={cfg.tokens}, d_model={cfg.d_model}, "
+          f"d_ff={cfg.d_ff}, experts={cfg.experts}, k={cfg.k}, {cfg.activation}; "
+          f"median of {cfg.repeats} after {cfg.warmup} warm-up")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m moe_lab.examples.<name> --help``."""

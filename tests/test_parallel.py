@@ -1,0 +1,151 @@
+"""Expert parallelism over gloo: 2 and 4 CPU processes equal the single-process MoELayer on all their tokens."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_lab import MoELayer, seed_everything
+from moe_lab.examples.train_expert_parallel import parse_args, train
+from moe_lab.parallel import ExpertParallelMoELayer, all_to_all, all_to_all_bytes, run_local
+
+D_MODEL, D_FF, NUM_EXPERTS = 8, 12, 8
+HOT, COLD = (0, 5), (2, 3, 7)  # experts the router favours / never picks
+
+# name -> (MoELayer options, tokens per rank as a function of the world size)
+SCENARIOS = {
+    "dropless_uneven_load": ({"k": 2}, lambda w: [16] * w),
+    "dropless_uneven_batches_k3_gelu": (
+        {"k": 3, "activation": "gelu", "softmax_order": "after_topk"}, lambda w: [5 + 4 * r for r in range(w)]),
+    "capacity_position": ({"k": 2, "capacity_factor": 1.0}, lambda w: [16] * w),
+    "capacity_probability": (
+        {"k": 2, "capacity_factor": 0.75, "drop_policy": "probability"}, lambda w: [7 + 2 * r for r in range(w)]),
+    "top1_no_renormalize": ({"k": 1, "renormalize": False, "capacity_factor": 1.25}, lambda w: [16] * w),
+}
+
+
+def _build(name: str, world: int):
+    """The same layer, inputs and output weights in every process: the single-process reference setup."""
+    opts, sizes = SCENARIOS[name]
+    sizes = sizes(world)
+    seed_everything(world * 100 + sorted(SCENARIOS).index(name))
+    layer = MoELayer(D_MODEL, D_FF, NUM_EXPERTS, **opts)
+    x = torch.randn(sum(sizes), D_MODEL)
+    x[:, 0] = x[:, 0].abs() + 1  # a positive feature the router can key on
+    with torch.no_grad():
+        layer.router.weight[list(HOT), 0] += 0.5  # hot experts: uneven load
+        layer.router.weight[list(COLD), 0] -= 30.0  # cold experts: empty
+    return layer, x, torch.randn(sum(sizes), D_MODEL), sizes
+
+
+def _ep_worker(names: list[str]) -> dict:
+    """Runs on every rank: this rank's slice through the expert-parallel layer, forward and backward."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for name in names:
+        layer, x, weight, sizes = _build(name, world)
+        ep = ExpertParallelMoELayer.from_layer(layer)
+        start = sum(sizes[:rank])
+        x_local = x[start : start + sizes[rank]].clone().requires_grad_(True)
+        y, info = ep(x_local)
+        (y * weight[start : start + sizes[rank]]).sum().backward()
+        out[name] = {
+            "y": y.detach(), "x_grad": x_local.grad, "dropped": info.dropped, "capacity": info.capacity,
+            "experts": info.experts, "router_grad": ep.router.weight.grad,
+            "expert_grads": {n: p.grad for n, p in ep.experts.named_parameters()},
+            "comm": ep.last_comm,
+        }
+    # the autograd all-to-all on its own: rank r sends r + j rows to rank j
+    x = torch.full((sum(rank + j for j in range(world)), 2), float(rank), requires_grad=True)
+    got = all_to_all(x, [r + rank for r in range(world)], [rank + j for j in range(world)])
+    (got * (rank + 1)).sum().backward()
+    out["all_to_all"] = {"got": got.detach(), "grad": x.grad}
+    out["train"] = train(parse_args(["--steps", "25", "--tokens", "64", "--d-model", "16", "--d-ff", "16",
+                                     "--layers", "1", "--lr", "1e-2", "--log-every", "1000"]))
+    try:
+        ExpertParallelMoELayer(D_MODEL, D_FF, world + 1, 1)
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def distributed(request):
+    world = request.param
+    return world, run_local(_ep_worker, world, sorted(SCENARIOS))
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_matches_single_process_layer(distributed, name):
+    world, results = distributed
+    layer, x, weight, sizes = _build(name, world)
+    x.requires_grad_(True)
+    y, info = layer(x)
+    (y * weight).sum().backward()
+    load = info.tokens_per_expert
+    assert (load[list(COLD)] == 0).all() and load.max() > 2 * load.float().mean()  # empty and hot experts
+    if layer.capacity_factor is not None:
+        assert info.dropped.any()  # the scenario really drops slots
+    y_ep = torch.cat([r[name]["y"] for r in results])
+    torch.testing.assert_close(y_ep, y.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r[name]["x_grad"] for r in results]), x.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.cat([r[name]["experts"] for r in results]), info.experts)
+    assert torch.equal(torch.cat([r[name]["dropped"] for r in results]), info.dropped)
+    assert all(r[name]["capacity"] == info.capacity for r in results)
+    # the router is replicated: its data-parallel gradient is the sum over ranks
+    torch.testing.assert_close(sum(r[name]["router_grad"] for r in results), layer.router.weight.grad,
+                               rtol=1e-5, atol=1e-6)
+    # each rank owns E / world experts, whose gradients arrive complete through the backward all-to-all
+    for pname, p in layer.experts.named_parameters():
+        sharded = torch.cat([r[name]["expert_grads"][pname] for r in results])
+        torch.testing.assert_close(sharded, p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_bytes_sent_match_formula(distributed, name):
+    world, results = distributed
+    opts, sizes = SCENARIOS[name]
+    k = opts["k"]
+    for r, tokens in zip(results, sizes(world)):
+        comm, dropped = r[name]["comm"], int(r[name]["dropped"].sum())
+        assert comm.rows_sent == tokens * k - dropped
+        assert comm.dispatch_bytes == all_to_all_bytes(tokens, k, D_MODEL, 4) - dropped * D_MODEL * 4
+        if dropped == 0:
+            assert comm.dispatch_bytes == tokens * k * D_MODEL * 4
+    # every row sent is received once and sent back once
+    assert sum(r[name]["comm"].rows_sent for r in results) == sum(r[name]["comm"].rows_received for r in results)
+    assert sum(r[name]["comm"].combine_bytes for r in results) == sum(r[name]["comm"].dispatch_bytes for r in results)
+
+
+def test_all_to_all_forward_and_backward(distributed):
+    world, results = distributed
+    for rank, r in enumerate(results):
+        expected = torch.cat([torch.full((src + rank, 2), float(src)) for src in range(world)])
+        assert torch.equal(r["all_to_all"]["got"], expected)
+        # rows this rank sent to rank j received weight (j + 1) there
+        grad = torch.cat([torch.full((rank + j, 2), float(j + 1)) for j in range(world)])
+        assert torch.equal(r["all_to_all"]["grad"], grad)
+
+
+def test_bad_expert_count(distributed):
+    world, results = distributed
+    assert all(f"multiple of the group size {world}" in r["error"] for r in results)
+
+
+def test_example_trains_and_reports_bytes(distributed):
+    world, results = distributed
+    runs = [r["train"] for r in results]
+    assert [r["rank"] for r in runs] == list(range(world))
+    losses = runs[0]["losses"]
+    assert all(r["losses"] == losses for r in runs)  # the logged loss is the global mean
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
+    for r in runs:  # dropless: tokens x k x d_model x 4 bytes, in each all-to-all
+        assert r["dispatch_bytes"] == r["formula_bytes"] == 64 * 2 * 16 * 4
+
+
+def test_needs_process_group():
+    with pytest.raises(ValueError, match="process group"):
+        ExpertParallelMoELayer(D_MODEL, D_FF, NUM_EXPERTS, 2)
+
+
+def test_all_to_all_bytes_formula():
+    # DeepSeek-V3-like: 4096 tokens, top-8, d=7168, bf16: 4096 * 8 * 7168 * 2 bytes = 448 MiB per all-to-all
+    assert all_to_all_bytes(4096, 8, 7168, 2) == 448 * 2**20
