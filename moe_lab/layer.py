@@ -102,7 +102,22 @@ class MoELayer(nn.Module):
         self.router_type, self.jitter_eps = router, jitter_eps
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.router = Router(d_model, num_experts) if router == "softmax" else NoisyTopKRouter(d_model, num_experts)
-        self.experts = Experts(num_experts, d_model, d_ff, activation)
+        self.experts = Experts(self._num_local_experts(num_experts), d_model, d_ff, activation)
+
+    def _num_local_experts(self, num_experts: int) -> int:
+        """How many experts this process holds (all; expert parallelism holds a shard)."""
+        return num_experts
+
+    def _capacity_keep(self, experts: torch.Tensor, chosen_probs: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Capacity and ``keep: [T, k]`` for this batch; ``chosen_probs: [T, k]`` ranks slots for the policy."""
+        capacity = expert_capacity(experts.shape[0], self.num_experts, self.capacity_factor, self.k)
+        return capacity, capacity_mask(experts, self.num_experts, capacity, chosen_probs, self.drop_policy)
+
+    def _run_experts(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
+                     keep: torch.Tensor | None, capacity: int | None) -> torch.Tensor:
+        """Dispatch the kept slots, run the experts, combine: ``[T, d_model]``."""
+        extra = {"capacity": capacity} if self.dispatch == "onehot" else {}
+        return DISPATCH[self.dispatch](tokens, experts, gates, self.experts, keep, **extra)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
         if x.shape[-1] != self.d_model:
@@ -119,10 +134,8 @@ class MoELayer(nn.Module):
         )
         capacity = keep = None
         if self.capacity_factor is not None:
-            capacity = expert_capacity(tokens.shape[0], self.num_experts, self.capacity_factor, self.k)
-            keep = capacity_mask(experts, self.num_experts, capacity, probs.gather(1, experts), self.drop_policy)
-        extra = {"capacity": capacity} if self.dispatch == "onehot" else {}
-        y = DISPATCH[self.dispatch](tokens, experts, gates, self.experts, keep, **extra)
+            capacity, keep = self._capacity_keep(experts, probs.gather(1, experts))
+        y = self._run_experts(tokens, experts, gates, keep, capacity)
         dropped = torch.zeros_like(experts, dtype=torch.bool) if keep is None else ~keep
         info = RoutingInfo(
             logits=logits,

@@ -37,13 +37,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from .dispatch import DROP_POLICIES, DropPolicy, capacity_mask, expert_capacity, sort_by_expert
-from .experts import Activation, Experts
-from .layer import ROUTERS, MoELayer, RoutingInfo
-from .losses import importance_loss, load_loss, router_z_loss, switch_aux_loss
-from .metrics import drop_rate, tokens_per_expert
+from .dispatch import sort_by_expert
+from .experts import Experts
+from .layer import MoELayer
 from .permute import combine_slots, gather_slots
-from .routing import NoisyTopKRouter, Router, SoftmaxOrder, check_k, dense_gates, multiplicative_jitter, softmax_topk
 from .utils import compute_dtype
 
 
@@ -144,7 +141,7 @@ def _all_gather_rows(t: torch.Tensor, sizes: list[int], group: dist.ProcessGroup
     return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
 
 
-class ExpertParallelMoELayer(nn.Module):
+class ExpertParallelMoELayer(MoELayer):
     """:class:`moe_lab.MoELayer` with its experts sharded over the ranks of ``group`` (default: the world).
 
     Same arguments as :class:`moe_lab.MoELayer` (except ``dispatch``: always sorted + grouped GEMMs), plus
@@ -155,46 +152,23 @@ class ExpertParallelMoELayer(nn.Module):
     ``last_comm`` holds the :class:`CommStats` of the last forward pass.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int,
-        k: int = 2,
-        *,
-        activation: Activation = "swiglu",
-        softmax_order: SoftmaxOrder = "before_topk",
-        renormalize: bool = True,
-        router: str = "softmax",
-        jitter_eps: float = 0.0,
-        capacity_factor: float | None = None,
-        drop_policy: DropPolicy = "position",
-        group: dist.ProcessGroup | None = None,
-    ):
-        super().__init__()
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, *,
+                 group: dist.ProcessGroup | None = None, **options: Any):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("ExpertParallelMoELayer needs an initialised process group (dist.init_process_group)")
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        check_k(k, num_experts)
+        if options.get("dispatch", "sorted") != "sorted":
+            raise ValueError(f"dispatch must be 'sorted' with expert parallelism, got {options['dispatch']!r}")
+        world = dist.get_world_size(group)
         if num_experts % world:
             raise ValueError(f"num_experts={num_experts} must be a multiple of the group size {world}")
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-        if capacity_factor is not None:
-            expert_capacity(1, num_experts, capacity_factor, k)  # validates capacity_factor
-        multiplicative_jitter(torch.zeros(0), jitter_eps)  # validates jitter_eps
-        softmax_topk(torch.zeros(1, num_experts), k, softmax_order=softmax_order, renormalize=renormalize)
-        self.d_model, self.num_experts, self.k, self.group = d_model, num_experts, k, group
-        self.softmax_order, self.renormalize = softmax_order, renormalize
-        self.router_type, self.jitter_eps = router, jitter_eps
-        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.group = group  # read by _num_local_experts during MoELayer.__init__ (a plain attribute: allowed)
+        super().__init__(d_model, d_ff, num_experts, k, **options)
         self.num_local_experts = num_experts // world
-        self.first_expert = rank * self.num_local_experts
-        self.router = Router(d_model, num_experts) if router == "softmax" else NoisyTopKRouter(d_model, num_experts)
-        self.experts = Experts(self.num_local_experts, d_model, d_ff, activation)
+        self.first_expert = dist.get_rank(group) * self.num_local_experts
         self.last_comm: CommStats | None = None
+
+    def _num_local_experts(self, num_experts: int) -> int:
+        return num_experts // dist.get_world_size(self.group)
 
     @classmethod
     def from_layer(cls, layer: MoELayer, group: dist.ProcessGroup | None = None) -> "ExpertParallelMoELayer":
@@ -220,55 +194,18 @@ class ExpertParallelMoELayer(nn.Module):
         sizes = [int(s) for s in sizes_t]
         all_experts = _all_gather_rows(experts, sizes, self.group)
         all_probs = _all_gather_rows(chosen_probs.detach().float(), sizes, self.group)
-        capacity = expert_capacity(sum(sizes), self.num_experts, self.capacity_factor, self.k)
-        keep = capacity_mask(all_experts, self.num_experts, capacity, all_probs, self.drop_policy)
+        capacity, keep = super()._capacity_keep(all_experts, all_probs)
         start = sum(sizes[: dist.get_rank(self.group)])
         return capacity, keep[start : start + experts.shape[0]]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
-        tokens = x.reshape(-1, self.d_model)
-        router_in = multiplicative_jitter(tokens, self.jitter_eps) if self.training else tokens
-        clean = noise_std = None
-        if self.router_type == "noisy_topk":
-            clean, noise_std, logits = self.router(router_in)
-        else:
-            logits = self.router(router_in)
-        probs, gates, experts = softmax_topk(
-            logits, self.k, softmax_order=self.softmax_order, renormalize=self.renormalize
-        )
-        capacity = keep = None
-        if self.capacity_factor is not None:
-            capacity, keep = self._capacity_keep(experts, probs.gather(1, experts))
+    def _run_experts(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
+                     keep: torch.Tensor | None, capacity: int | None) -> torch.Tensor:
         y, self.last_comm = expert_parallel_dispatch(tokens, experts, gates, self.experts, keep, group=self.group)
-        dropped = torch.zeros_like(experts, dtype=torch.bool) if keep is None else ~keep
-        info = RoutingInfo(
-            logits=logits,
-            probs=probs,
-            experts=experts,
-            gates=gates,
-            tokens_per_expert=tokens_per_expert(experts, self.num_experts),
-            aux_loss=switch_aux_loss(probs, experts),
-            z_loss=router_z_loss(logits),
-            dropped=dropped,
-            drop_rate=0.0 if keep is None else drop_rate(dropped),  # no GPU sync when dropless
-            capacity=capacity,
-            importance_loss=importance_loss(dense_gates(gates, experts, self.num_experts)),
-            clean_logits=clean,
-            noise_std=noise_std,
-            load_loss=None if clean is None else load_loss(clean, logits, noise_std, self.k),
-        )
-        return y.reshape(*x.shape[:-1], -1), info
+        return y
 
     def extra_repr(self) -> str:
-        text = (
-            f"num_experts={self.num_experts}, local experts {self.first_expert}..."
-            f"{self.first_expert + self.num_local_experts - 1}, k={self.k}, router={self.router_type!r}"
-        )
-        if self.capacity_factor is not None:
-            text += f", capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}"
-        return text
+        return (f"local experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1}, "
+                + super().extra_repr())
 
 
 def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:

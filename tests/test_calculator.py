@@ -196,7 +196,7 @@ def test_calculator_dashboard_headless():
     from moe_lab.widgets import calculator_dashboard, calculator_report
 
     dash = calculator_dashboard()
-    assert dash.png and "total parameters" in dash.table.value
+    assert dash.png and "total parameters" in dash.text.value
     base = dash.last.total
     dash.controls["num_experts"].value = 16  # 8 more SwiGLU experts and 8 more router rows per layer
     assert dash.last.total - base == 32 * 8 * (3 * 4096 * 14336 + 4096)

@@ -186,7 +186,7 @@ def test_corpus_feedback(graded):
         text = (feedback / f"{name}.txt").read_text()
         assert f"Status:   {e.status}" in text
         for ex_id, reason in e.reasons.items():
-            line = next(line for line in text.splitlines() if line.startswith(f"[") and f"] {ex_id} " in line)
+            line = next(line for line in text.splitlines() if line.startswith("[") and f"] {ex_id} " in line)
             assert reason in line, (name, line)
         for note in e.notes:
             assert note in notes[name], (name, notes[name])

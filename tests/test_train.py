@@ -81,7 +81,7 @@ def test_training_reduces_loss_and_records_history():
     assert torch.all(load.sum(-1) == 8 * 32 * 1)  # T * k slots per layer per step
     assert all(0 <= d < 1 for d in h.drop_rate) and max(h.drop_rate) > 0  # capacity factor 1.0 drops
     assert [s for s, _ in h.val] == [10, 20, 25]
-    for loss, ce, aux, z in zip(h.loss, h.ce, h.aux, h.z):
+    for loss, ce, aux in zip(h.loss, h.ce, h.aux):
         assert loss == pytest.approx(ce + 1e-2 * aux, rel=1e-5)
 
 

@@ -111,7 +111,7 @@ def test_dashboard_first_render_and_live_updates():
     assert base64.b64decode(dash.plot.outputs[0]["data"]["image/png"]) == dash.png
     bundle = dash._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle and "image/png" in bundle
-    assert "MaxVio" in dash.metrics.value
+    assert "MaxVio" in dash.text.value
 
     dash.controls["distribution"].value = "dominant"
     assert dash.last.max_violation == pytest.approx(routing_snapshot(8, 2, 1.0, "dominant", 64).max_violation)

@@ -1,4 +1,4 @@
-"""Shared plumbing for the figure dashboards of notebooks 03-05: controls, a PNG plot, the last data drawn."""
+"""Shared plumbing for every figure dashboard: controls, a PNG plot, a text line, the last data drawn."""
 from __future__ import annotations
 
 import base64

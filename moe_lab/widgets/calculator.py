@@ -5,14 +5,13 @@
 """
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from ..calculator import DTYPE_BYTES, Arch, count_params, flops_per_token, inference_memory, training_memory
+from ._display import FigureDashboard
 
 GB = 1e9
 
@@ -103,18 +102,13 @@ def summary_html(r: CalculatorReport) -> str:
     return f"<table>{body}</table>"
 
 
-class CalculatorDashboard(widgets.VBox):
+class CalculatorDashboard(FigureDashboard):
     """The calculator widget. ``controls``: name -> ipywidget; ``last``: the :class:`CalculatorReport` drawn
     last; ``png``: its figure as PNG bytes (also offered as a static image)."""
 
     def __init__(self, controls: dict[str, widgets.ValueWidget]):
-        self.controls = controls
-        self.table, self.plot = widgets.HTML(), widgets.Output()
         names = list(controls)
-        rows = [widgets.HBox([controls[n] for n in names[i:i + 3]]) for i in range(0, len(names), 3)]
-        super().__init__([*rows, self.table, self.plot])
-        self.last: CalculatorReport | None = None
-        self.png = b""
+        super().__init__(controls, [names[i:i + 3] for i in range(0, len(names), 3)])
         for control in controls.values():
             control.observe(self.update, names="value")
         self.update()
@@ -128,23 +122,8 @@ class CalculatorDashboard(widgets.VBox):
             if c["k"] > experts:
                 return
         report = calculator_report(**c)
-        fig = draw_report(report)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80)
-        self.png = buf.getvalue()
-        self.table.value = summary_html(report)
-        self.plot.outputs = ({
-            "output_type": "display_data",
-            "data": {"image/png": base64.b64encode(self.png).decode("ascii"), "text/plain": "<calculator figure>"},
-            "metadata": {},
-        },)
+        self.show_figure(draw_report(report), summary_html(report))
         self.last = report
-
-    def _repr_mimebundle_(self, **kwargs) -> dict:
-        bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["image/png"] = base64.b64encode(self.png).decode("ascii")
-        bundle["text/html"] = summary_html(self.last)
-        return bundle
 
 
 def calculator_dashboard(d_model: int = 4096, d_expert: int = 14336, num_experts: int = 8, k: int = 2,

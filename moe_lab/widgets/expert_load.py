@@ -6,8 +6,6 @@ Shapes: ``T`` tokens, ``E`` experts, ``k`` experts per token.
 """
 from __future__ import annotations
 
-import base64
-import io
 import math
 from dataclasses import dataclass
 
@@ -19,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from ..losses import switch_aux_loss
 from ..metrics import max_violation, routing_entropy, tokens_per_expert
 from ..routing import Router, check_k, softmax_topk
+from ._display import FigureDashboard
 
 DISTRIBUTIONS = ("gaussian", "clustered", "dominant")
 NUM_CLUSTERS = 3
@@ -160,25 +159,13 @@ def _summary(snap: RoutingSnapshot) -> str:
     )
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    return buf.getvalue()
-
-
-class ExpertLoadDashboard(widgets.VBox):
+class ExpertLoadDashboard(FigureDashboard):
     """The dashboard widget. ``controls``: name -> ipywidget; ``last``: the :class:`RoutingSnapshot` drawn last;
     ``png``: that drawing as PNG bytes (also offered as a static image for viewers without live widgets)."""
 
     def __init__(self, controls: dict[str, widgets.ValueWidget], d_model: int, seed: int):
-        self.controls, self.d_model, self.seed = controls, d_model, seed
-        self.plot = widgets.Output()
-        self.metrics = widgets.HTML()
-        row1 = widgets.HBox([controls["num_experts"], controls["k"], controls["logit_scale"]])
-        row2 = widgets.HBox([controls["distribution"], controls["num_tokens"]])
-        super().__init__([row1, row2, self.metrics, self.plot])
-        self.last: RoutingSnapshot | None = None
-        self.png = b""
+        self.d_model, self.seed = d_model, seed
+        super().__init__(controls, [["num_experts", "k", "logit_scale"], ["distribution", "num_tokens"]])
         for control in controls.values():
             control.observe(self.update, names="value")
         self.update()
@@ -195,19 +182,8 @@ class ExpertLoadDashboard(widgets.VBox):
         summary = _summary(snap)
         title = (f"E={snap.num_experts}, k={snap.k}, logit scale={c['logit_scale']:.3g}, "
                  f"{c['distribution']} tokens, T={snap.num_tokens}\n{summary}")
-        self.png = _png(draw_snapshot(snap, title))
-        self.metrics.value = f"<b>{summary}</b>"
-        self.plot.outputs = ({
-            "output_type": "display_data",
-            "data": {"image/png": base64.b64encode(self.png).decode("ascii"), "text/plain": "<expert load figure>"},
-            "metadata": {},
-        },)
+        self.show_figure(draw_snapshot(snap, title), f"<b>{summary}</b>")
         self.last = snap
-
-    def _repr_mimebundle_(self, **kwargs) -> dict:
-        bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["image/png"] = base64.b64encode(self.png).decode("ascii")
-        return bundle
 
 
 def expert_load_dashboard(
