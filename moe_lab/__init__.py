@@ -1,8 +1,11 @@
 """moe_lab: the Mixture-of-Experts library behind the MoE Lab course.
 
-One module per concept: ``routing`` (gating), ``losses`` (aux / z-loss), ``metrics`` (load, MaxVio, entropy),
-``experts`` (stacked expert FFNs, grouped GEMM), ``dispatch`` (loop / sorted / one-hot), ``layer``
-(``MoELayer``), ``widgets`` (notebook dashboards), ``checks`` (graded exercises), ``course`` (build tools).
+One module per concept: ``routing`` (gating), ``losses`` (aux / z / CV² losses), ``metrics`` (load, MaxVio,
+entropy, drops), ``experts`` (stacked expert FFNs, grouped GEMM), ``dispatch`` (capacity; loop / sorted / one-hot),
+``permute`` (deterministic gather / combine), ``layer`` (``MoELayer``), ``parallel`` (expert parallelism),
+``calculator`` (parameters / FLOPs / memory), ``model`` / ``data`` / ``train`` (a small MoE transformer),
+``balancing`` (the collapse experiment), ``widgets`` (notebook dashboards), ``checks`` (graded exercises),
+``course`` (build tools), ``grading`` (``moe-lab grade``), ``bench`` (``python -m moe_lab.bench``).
 """
 from .experts import FFN, Experts
 from .layer import MoELayer, RoutingInfo

@@ -1,4 +1,7 @@
 """Every solution passes its visible and hidden cases; every generated stub fails them all."""
+import re
+from collections import Counter
+
 import pytest
 
 from moe_lab.checks import REGISTRY, run_check
@@ -32,3 +35,12 @@ def test_exercise_stubs_fail_every_case(path):
         for hidden in (False, True):
             result = run_check(ex_id, namespace[function], hidden=hidden)
             assert result.status == "not implemented" and result.points == 0, str(result)
+
+
+def test_readme_course_table_matches_the_registry():
+    rows = re.findall(r"^\| (\d\d) \| .*\| (\d+) \((\d+) points\) \|$", (ROOT / "README.md").read_text(), re.M)
+    counts, points = Counter(), Counter()
+    for ex_id, ex in REGISTRY.items():
+        counts[ex_id[:2]] += 1
+        points[ex_id[:2]] += ex.points
+    assert {nb: (int(n), int(p)) for nb, n, p in rows} == {nb: (counts[nb], points[nb]) for nb in counts}
