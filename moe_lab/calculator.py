@@ -282,7 +282,7 @@ PRESETS: dict[str, Arch] = {
 """Real models (configs in FACTS.md) and the lecture's worked example."""
 
 PUBLISHED: dict[str, tuple[float, float, str]] = {
-    "mixtral_8x7b": (46.7e9, 12.9e9, "Jiang et al. 2024, Mixtral of Experts, Sec. 2"),
+    "mixtral_8x7b": (46.7e9, 12.9e9, "Mistral AI, Mixtral of experts (release post, Dec 2023); the paper rounds to 47B / 13B"),
     "deepseek_moe_16b": (16.4e9, 2.8e9, "Dai et al. 2024, DeepSeekMoE, Sec. 5 / Table 3"),
     "deepseek_v2": (236e9, 21e9, "DeepSeek-AI 2024, DeepSeek-V2, abstract"),
     "deepseek_v3": (671e9, 37e9, "DeepSeek-AI 2024, DeepSeek-V3, abstract (main model, no MTP module)"),

@@ -247,6 +247,7 @@ def _run_rank(rank: int, world_size: int, port: int, backend: str, fn: Callable,
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.save(fn(*args), os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # no rank closes its connections while a peer may still be reading from them
     finally:
         dist.destroy_process_group()
 

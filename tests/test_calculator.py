@@ -26,7 +26,7 @@ def _check_published(name):
 
 
 def test_mixtral_8x7b_published_size():
-    """Jiang et al. 2024, Mixtral of Experts, Sec. 2: 46.7B total, 12.9B active."""
+    """Mistral AI, "Mixtral of experts" release post (Dec 2023): 46.7B total, 12.9B active (the paper: 47B / 13B)."""
     _check_published("mixtral_8x7b")
 
 

@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         print(report(result, args), flush=True)
         if dist.get_rank() == 0:
             print(f"loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}")
+        dist.barrier()  # no rank closes its connections while a peer may still be reading from them
     finally:
         dist.destroy_process_group()
 
