@@ -38,6 +38,8 @@ from torch import nn
 
 from .experts import FFN
 from .layer import MoELayer
+from .metrics import tokens_per_expert
+from .routing import softmax_topk
 from .utils import seed_everything
 
 IMPLEMENTATIONS = ("dense", "sorted", "loop", "onehot")
@@ -170,8 +172,9 @@ def run_benchmark(cfg: BenchConfig, implementations: tuple[str, ...] = IMPLEMENT
     for name in implementations:
         module = build(name, cfg)
         if name == "onehot":
-            with torch.no_grad():
-                max_load = int(module(x)[1].tokens_per_expert.max())
+            with torch.no_grad():  # the load from the router alone: never run the one-hot dispatch to size it
+                _, _, experts = softmax_topk(module.router(x), cfg.k)
+                max_load = int(tokens_per_expert(experts, cfg.experts).max())
             need = onehot_bytes(cfg, max_load)
             limit = cfg.onehot_max_bytes if cfg.onehot_max_bytes is not None else _free_bytes(device) // 2
             if need > limit:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import nbformat
 
+from .checks.core import STUB_MESSAGE
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
@@ -34,7 +36,7 @@ def strip_solutions(source: str, where: str = "cell") -> str:
                 raise ValueError(f"{where}: nested {BEGIN}")
             inside, indent = True, line[: len(line) - len(line.lstrip())]
             out.append(f"{indent}# YOUR CODE HERE")
-            out.append(f'{indent}raise NotImplementedError("replace this line with your code")')
+            out.append(f'{indent}raise NotImplementedError("{STUB_MESSAGE}")')
         elif stripped == END:
             if not inside:
                 raise ValueError(f"{where}: {END} without {BEGIN}")

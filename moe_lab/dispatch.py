@@ -1,6 +1,7 @@
 """Dispatch: send each token to its k experts and combine the results, ``y_t = sum_j gates[t,j] * E_{experts[t,j]}(x_t)``.
 
-Three implementations with one signature ``fn(x, experts, gates, expert_ffns, keep=None) -> y``:
+Three implementations with one signature ``fn(x, experts, gates, expert_ffns, keep=None) -> y`` (``onehot`` also
+takes its buffer size, ``capacity=``):
 
 - ``"loop"``: a readable loop over experts (the reference; the eager style of popular model code).
 - ``"sorted"``: sort token-slots by expert, run every expert with grouped GEMMs, un-sort, weight and sum
@@ -25,6 +26,7 @@ import torch
 from .experts import Experts
 from .metrics import tokens_per_expert
 from .permute import combine_slots, gather_slots
+from .routing import check_experts
 from .utils import compute_dtype
 
 DropPolicy = Literal["position", "probability"]
@@ -39,8 +41,9 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k
     some implementations truncate with ``int()`` instead (at most one slot less). The product is rounded to 9
     decimals first so that float noise (``1.1 * 100 / 10 = 11.000000000000002``) does not add a slot.
     """
-    if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) or not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be a number > 0 (or None for dropless), got {capacity_factor!r}")
+    if (not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool)
+            or not 0 < capacity_factor < math.inf):
+        raise ValueError(f"capacity_factor must be a finite number > 0 (or None for dropless), got {capacity_factor!r}")
     if num_tokens < 0 or num_experts < 1 or k < 1:
         raise ValueError(f"need num_tokens >= 0, num_experts >= 1, k >= 1; got {num_tokens}, {num_experts}, {k}")
     return math.ceil(round(num_tokens * k * capacity_factor / num_experts, 9))
@@ -70,6 +73,7 @@ def queue_positions(
     experts: ``[T, k]``; probs: ``[T, k]`` router probability of each selected slot (for ``"probability"``)
     -> ``[T, k]`` int64. A slot is kept under capacity ``C`` iff its position is ``< C``.
     """
+    check_experts(experts, num_experts)
     num_tokens, k = experts.shape
     order = _priority_order(experts, probs, policy)  # priority rank -> choice-major slot id
     by_rank = experts.T.reshape(-1)[order]  # expert of each slot, in priority order
@@ -110,6 +114,7 @@ def sort_by_expert(
     expert; slot ``s`` is token ``s // k``), and ``counts: [E]`` slots per expert. With ``keep: [T, k]``
     only the kept slots appear (``S = keep.sum()``); without it ``S = T * k``.
     """
+    check_experts(experts, num_experts)
     flat = experts.reshape(-1)
     if keep is None:
         return torch.argsort(flat, stable=True), tokens_per_expert(experts, num_experts)
@@ -122,6 +127,7 @@ def dispatch_loop(
     x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, ffns: Experts, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Reference: for each expert, gather its (kept) tokens, run it, add the gated outputs back."""
+    check_experts(experts, ffns.num_experts)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(ffns.num_experts):
         chosen = experts == e if keep is None else (experts == e) & keep
@@ -168,6 +174,7 @@ def dispatch_onehot(
     expert load (dropless). Dropped slots get all-zero rows in ``dispatch`` and ``combine``.
     """
     num_experts = ffns.num_experts
+    check_experts(experts, num_experts)
     mask = torch.nn.functional.one_hot(experts, num_experts)  # [T, k, E]
     if keep is not None:
         mask = mask * keep.unsqueeze(-1)

@@ -102,10 +102,9 @@ class Experts(nn.Module):
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens. x: ``[n, d_model]`` -> ``[n, d_model]``."""
         dtype = compute_dtype(x)
-        w1, w3, w2 = self._weights(dtype)
         x = x.to(dtype)
-        h3 = None if w3 is None else x @ w3[e]
-        return self._act(x @ w1[e], h3) @ w2[e]
+        h3 = None if self.w3 is None else x @ self.w3[e].to(dtype)
+        return self._act(x @ self.w1[e].to(dtype), h3) @ self.w2[e].to(dtype)
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
         """All experts at once on expert-sorted rows.

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .checks import REGISTRY
-from .checks.core import Case, CheckResult, Exercise, compare
+from .checks.core import STUB_MESSAGE, Case, CheckResult, Exercise, compare
 from .utils import seed_everything
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def reference_cases(ex: Exercise, seed: int) -> list[GradedCase]:
                 expected = ex.reference(*args, **copy.deepcopy(case.kwargs))
                 item = GradedCase(case, hidden, expected)
                 if case.grad_wrt:
-                    out = expected[0] if isinstance(expected, tuple) else expected
+                    out = expected[0] if isinstance(expected, (tuple, list)) else expected
                     item.weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
                     item.ref_grads = torch.autograd.grad((out * item.weights).sum(), [args[i] for i in case.grad_wrt],
                                                          allow_unused=True)
@@ -262,12 +262,15 @@ def _moe_lab_grader_call(name, cases_path, out_path):
         try:
             got = fn(*args, **case["kwargs"])
             rec["out"] = plain(got)
-        except NotImplementedError:
-            rec["not_implemented"] = True
+        except NotImplementedError as err:
+            if str(err) in ("", STUB_MESSAGE):
+                rec["not_implemented"] = True
+            else:
+                rec["raised"] = text(err)
         except (Exception, SystemExit) as err:
             rec["raised"] = text(err)
         else:
-            out = got[0] if isinstance(got, tuple) else got
+            out = got[0] if isinstance(got, (tuple, list)) and got else got
             if case["grad_wrt"] and not (isinstance(out, torch.Tensor) and out.requires_grad):
                 rec["grad_error"] = ("output is not differentiable: gradients must reach the inputs "
                                      "(no .detach(), .item() or in-place tricks)")
@@ -281,7 +284,7 @@ def _moe_lab_grader_call(name, cases_path, out_path):
         records.append(rec)
     module = str(getattr(fn, "__module__", None) or "")
     torch.save({"records": records, "module": module}, out_path)
-'''
+'''.replace("STUB_MESSAGE", repr(STUB_MESSAGE))
 
 
 class _Unsupported:

@@ -122,6 +122,10 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.numel() == 0:
+            raise ValueError(f"x must contain at least one token, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
         router_in = multiplicative_jitter(tokens, self.jitter_eps) if self.training else tokens
         clean = noise_std = None
@@ -153,7 +157,7 @@ class MoELayer(nn.Module):
             noise_std=noise_std,
             load_loss=None if clean is None else load_loss(clean, logits, noise_std, self.k),
         )
-        return y.reshape(*x.shape[:-1], -1), info
+        return y.reshape(*x.shape[:-1], self.d_model), info
 
     def extra_repr(self) -> str:
         text = (

@@ -85,6 +85,9 @@ def switch_aux_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         probs: ``[T, E]`` softmax over all experts (not the renormalised top-k gates).
         experts: ``[T, k]`` selected expert indices.
     """
+    if probs.dim() != 2 or experts.dim() != 2 or probs.shape[0] != experts.shape[0] or probs.shape[0] == 0:
+        raise ValueError(f"probs must be [T, E] and experts [T, k] with the same T >= 1, got shapes "
+                         f"{tuple(probs.shape)} and {tuple(experts.shape)}")
     num_experts = probs.shape[-1]
     f = tokens_per_expert(experts, num_experts).float() / experts.numel()
     p = probs.float().mean(dim=0)

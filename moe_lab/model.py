@@ -108,9 +108,10 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, rope_base: float = 10000.0):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if d_model % n_heads or n_heads % n_kv_heads:
-            raise ValueError(f"n_heads must divide d_model and n_kv_heads must divide n_heads, got "
-                             f"d_model={d_model}, n_heads={n_heads}, n_kv_heads={n_kv_heads}")
+        if n_heads < 1 or n_kv_heads < 1 or d_model % n_heads or n_heads % n_kv_heads or (d_model // n_heads) % 2:
+            raise ValueError(f"need n_heads, n_kv_heads >= 1, n_heads dividing d_model with an even head size "
+                             f"(RoPE rotates pairs) and n_kv_heads dividing n_heads, got d_model={d_model}, "
+                             f"n_heads={n_heads}, n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_base = n_heads, n_kv_heads, d_model // n_heads, rope_base
         self.q = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
         self.k = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)

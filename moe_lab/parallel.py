@@ -178,7 +178,8 @@ class ExpertParallelMoELayer(MoELayer):
             activation=layer.experts.activation, softmax_order=layer.softmax_order,
             renormalize=layer.renormalize, router=layer.router_type, jitter_eps=layer.jitter_eps,
             capacity_factor=layer.capacity_factor, drop_policy=layer.drop_policy, group=group,
-        ).to(device=layer.experts.w1.device, dtype=layer.experts.w1.dtype)
+        ).to(layer.experts.w1.device)
+        ep.experts.to(layer.experts.w1.dtype)  # the router keeps its own dtype (float32)
         ep.router.load_state_dict(layer.router.state_dict())
         local = slice(ep.first_expert, ep.first_expert + ep.num_local_experts)
         with torch.no_grad():
@@ -240,7 +241,6 @@ def free_port() -> int:
 
 
 def _run_rank(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, out_dir: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)

@@ -25,6 +25,20 @@ def check_k(k: int, num_experts: int) -> None:
         raise ValueError(f"k must be an integer with 1 <= k <= num_experts={num_experts}, got k={k!r}")
 
 
+def check_experts(experts: torch.Tensor, num_experts: int) -> None:
+    """Raise ``ValueError`` unless ``experts`` is an integer ``[T, k]`` tensor of ids in ``0 .. num_experts - 1``.
+
+    The range is checked on CPU tensors only: on CUDA it would force a host sync on every call (an id out of
+    range there fails in the indexing kernel instead).
+    """
+    if experts.dim() != 2 or experts.is_floating_point() or experts.is_complex():
+        raise ValueError(f"experts must be an integer tensor of shape [tokens, k], got {experts.dtype} "
+                         f"of shape {tuple(experts.shape)}")
+    if experts.device.type == "cpu" and experts.numel() and (experts.min() < 0 or experts.max() >= num_experts):
+        raise ValueError(f"experts must hold expert ids in 0..{num_experts - 1} (num_experts={num_experts}), "
+                         f"got ids from {int(experts.min())} to {int(experts.max())}")
+
+
 def check_finite_logits(logits: torch.Tensor) -> None:
     """Raise ``ValueError`` if router logits contain NaN or +-inf (a sign of a diverging router)."""
     if not torch.isfinite(logits).all():

@@ -36,7 +36,13 @@ def test_table(capsys):
     assert "fwd+bwd ms" in out and "dense" in out and "sorted" in out and "1.00x" in out
 
 
-def test_onehot_skipped_when_too_big():
+def test_onehot_skipped_when_too_big(monkeypatch):
+    import moe_lab.dispatch
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the size guard ran the one-hot dispatch it exists to avoid")
+
+    monkeypatch.setitem(moe_lab.dispatch.DISPATCH, "onehot", must_not_run)
     rows = run_benchmark(BenchConfig(**{**TINY.__dict__, "onehot_max_bytes": 1}), ("sorted", "onehot"))
     assert rows[0].fwd_ms is not None
     assert rows[1].fwd_ms is None and rows[1].note.startswith("skipped")

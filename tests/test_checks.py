@@ -70,3 +70,11 @@ def test_compare_messages():
     assert "index [1]" in compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]), 1e-5, 1e-6)
     assert compare((1, 2), (1, 2), 0, 0) is None
     assert "tuple of 2 items" in compare((1, 2), [1], 0, 0)
+
+
+def test_list_outputs_and_torch_not_implemented_errors():
+    from moe_lab.checks.nb02 import topk_gating
+
+    assert run_check("02.2", lambda *a: list(topk_gating(*a))).status == "passed"
+    result = run_check("02.1", lambda x, w: torch.nn.functional.silu(x.long()).float())
+    assert result.status == "failed" and "raised NotImplementedError" in result.message

@@ -105,3 +105,15 @@ def test_sort_by_expert_is_stable_grouping():
 def test_sorted_dispatch_is_deterministic():
     x, experts, gates, ffns = make_case(128, 8, 2)
     assert torch.equal(dispatch_sorted(x, experts, gates, ffns), dispatch_sorted(x, experts, gates, ffns))
+
+
+@pytest.mark.parametrize("impl", sorted(DISPATCH))
+@pytest.mark.parametrize("bad", [[[0, 1], [2, 9]], [[0, -1], [2, 3]]])
+def test_out_of_range_expert_ids_rejected(impl, bad):
+    x, _, gates, ffns = make_case(2, 4, 2)
+    experts = torch.tensor(bad)
+    for keep in (None, torch.ones(2, 2, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="expert ids in 0..3"):
+            DISPATCH[impl](x, experts, gates, ffns, keep)
+    with pytest.raises(ValueError, match="shape \\[tokens, k\\]"):
+        sort_by_expert(torch.tensor([0, 1]), 4)

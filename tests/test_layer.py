@@ -118,3 +118,16 @@ def test_wrong_width_and_non_finite_input_rejected():
     x[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         layer(x)
+
+
+def test_empty_and_integer_input_rejected():
+    layer = MoELayer(16, 32, 4, 2)
+    with pytest.raises(ValueError, match="at least one token"):
+        layer(torch.randn(0, 16))
+    with pytest.raises(ValueError, match="floating-point"):
+        layer(torch.ones(3, 16, dtype=torch.long))
+
+
+def test_switch_aux_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same T"):
+        switch_aux_loss(torch.full((10, 4), 0.25), torch.zeros(3, 2, dtype=torch.long))

@@ -125,3 +125,11 @@ def test_bad_input_raises():
         model(torch.randint(0, 256, (8,)))
     with pytest.raises(ValueError, match="n_kv_heads"):
         Attention(32, 4, 3)
+
+
+@pytest.mark.parametrize("d_model,n_heads,n_kv_heads", [(60, 4, None), (64, 4, 0), (64, 0, None), (64, 4, 3)])
+def test_bad_attention_shapes_rejected(d_model, n_heads, n_kv_heads):
+    from moe_lab.model import Attention
+
+    with pytest.raises(ValueError, match="n_heads"):
+        Attention(d_model, n_heads, n_kv_heads)

@@ -60,6 +60,10 @@ def _ep_worker(names: list[str]) -> dict:
     out["all_to_all"] = {"got": got.detach(), "grad": x.grad}
     out["train"] = train(parse_args(["--steps", "25", "--tokens", "64", "--d-model", "16", "--d-ff", "16",
                                      "--layers", "1", "--lr", "1e-2", "--log-every", "1000"]))
+    half = MoELayer(D_MODEL, D_FF, world, 1)
+    half.experts.to(torch.bfloat16)
+    sharded = ExpertParallelMoELayer.from_layer(half)
+    out["dtypes"] = (sharded.router.weight.dtype, sharded.experts.w1.dtype)
     try:
         ExpertParallelMoELayer(D_MODEL, D_FF, world + 1, 1)
     except ValueError as e:
@@ -149,3 +153,8 @@ def test_needs_process_group():
 def test_all_to_all_bytes_formula():
     # DeepSeek-V3-like: 4096 tokens, top-8, d=7168, bf16: 4096 * 8 * 7168 * 2 bytes = 448 MiB per all-to-all
     assert all_to_all_bytes(4096, 8, 7168, 2) == 448 * 2**20
+
+
+def test_from_layer_keeps_the_router_in_float32(distributed):
+    _, results = distributed
+    assert all(r["dtypes"] == (torch.float32, torch.bfloat16) for r in results)

@@ -10,7 +10,7 @@ from ..dispatch import sort_by_expert
 from ..layer import MoELayer
 from ..metrics import tokens_per_expert
 from ..routing import softmax_topk
-from .core import Case, exercise
+from .core import Case, exercise, with_weights
 
 
 def router_probs(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
@@ -76,11 +76,7 @@ def moe_forward(x, router_weight, w1, w3, w2, k):
     """Reference for 02.5: ``MoELayer`` (Mixtral block, reference loop dispatch) with the given weights."""
     num_experts, d_model, d_ff = w1.shape
     layer = MoELayer(d_model, d_ff, num_experts, k, dispatch="loop")
-    for name, value in (("router.weight", router_weight), ("experts.w1", w1), ("experts.w3", w3), ("experts.w2", w2)):
-        # swap in the given tensors themselves so gradients flow back to them
-        module_name, attr = name.rsplit(".", 1)
-        delattr(layer.get_submodule(module_name), attr)
-        setattr(layer.get_submodule(module_name), attr, value)
+    with_weights(layer, router__weight=router_weight, experts__w1=w1, experts__w3=w3, experts__w2=w2)
     return layer(x)[0]
 
 

@@ -8,7 +8,7 @@ import torch
 from ..calculator import moe_schedule
 from ..layer import MoELayer
 from ..routing import softmax_topk
-from .core import Case, exercise
+from .core import Case, exercise, with_weights
 
 
 @exercise("07.1", function="moe_layer_schedule", title="Which layers are MoE?", points=1, reference=moe_schedule,
@@ -43,10 +43,7 @@ def switch_ffn(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w
     num_experts, d_model, d_ff = w1.shape
     layer = MoELayer(d_model, d_ff, num_experts, 1, activation="gelu", renormalize=False, dispatch="loop",
                      capacity_factor=capacity_factor)
-    for name, value in (("router.weight", router_weight), ("experts.w1", w1), ("experts.w2", w2)):
-        module_name, attr = name.rsplit(".", 1)
-        delattr(layer.get_submodule(module_name), attr)  # swap in the given tensors so gradients reach them
-        setattr(layer.get_submodule(module_name), attr, value)
+    with_weights(layer, router__weight=router_weight, experts__w1=w1, experts__w2=w2)
     return layer(x)[0]
 
 

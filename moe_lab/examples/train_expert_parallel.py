@@ -37,7 +37,7 @@ from torch import nn
 
 from moe_lab.layer import MoELayer
 from moe_lab.parallel import (
-    ExpertParallelMoELayer, all_to_all_bytes, allreduce_replicated_grads, run_local,
+    ExpertParallelMoELayer, all_to_all_bytes, allreduce_replicated_grads, broadcast_replicated, run_local,
 )
 from moe_lab.utils import seed_everything
 
@@ -104,6 +104,7 @@ def train(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)  # identical initial weights on every rank
     model = TinyMoEModel(args.vocab, args.d_model, args.d_ff, args.experts, args.k, args.layers,
                          args.capacity_factor).to(device)
+    broadcast_replicated(model)  # rank 0's router, embedding, norms and head everywhere, whatever the seed did
     target_map = torch.randperm(args.vocab, generator=torch.Generator().manual_seed(args.seed)).to(device)
     data = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)  # each rank its own tokens
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
