@@ -21,7 +21,6 @@ How a submission is graded (the threat model is in README.md, "For instructors")
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -41,8 +40,8 @@ from typing import Any
 import torch
 
 from .checks import REGISTRY
-from .checks.core import STUB_MESSAGE, Case, CheckResult, Exercise, compare
-from .utils import seed_everything
+from .checks.core import (NOT_DIFFERENTIABLE, STUB_MESSAGE, Case, CheckResult, Exercise, Reference, compare,
+                          compare_gradients, exercise_cases, reference_answer)
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_RESTARTS = 3          # fresh kernels per submission after a cell or a call hangs or kills the kernel
@@ -70,44 +69,17 @@ class Limits:
 
 @dataclass
 class GradedCase:
-    """A case with the grader's reference answer: ``weights`` is the random cotangent of the gradient check."""
+    """A case (visible or hidden) with the grader's reference answer."""
 
     case: Case
     hidden: bool
-    expected: Any
-    weights: torch.Tensor | None = None
-    ref_grads: tuple = ()
+    ref: Reference
 
 
 def reference_cases(ex: Exercise, seed: int) -> list[GradedCase]:
     """The visible then hidden cases of ``ex`` for ``seed``, with the reference outputs and gradients
     (the same cases and cotangents as ``run_check(ex.id, fn, hidden=True, seed=seed)``)."""
-    graded = []
-    for hidden in (False, True):
-        seed_everything(seed + (1000 if hidden else 0))
-        for case in ex.cases(hidden):
-            with torch.random.fork_rng():
-                args = [copy.deepcopy(a) for a in case.args]
-                for i in case.grad_wrt:
-                    args[i] = args[i].detach().requires_grad_(True)
-                expected = ex.reference(*args, **copy.deepcopy(case.kwargs))
-                item = GradedCase(case, hidden, expected)
-                if case.grad_wrt:
-                    out = expected[0] if isinstance(expected, (tuple, list)) else expected
-                    item.weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-                    item.ref_grads = torch.autograd.grad((out * item.weights).sum(), [args[i] for i in case.grad_wrt],
-                                                         allow_unused=True)
-                item.expected = _detached(expected)
-                graded.append(item)
-    return graded
-
-
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    return value
+    return [GradedCase(case, hidden, reference_answer(ex, case)) for case, hidden in exercise_cases(ex, seed, True)]
 
 
 def _exercise_key(exercise_id: str) -> tuple[int, ...]:
@@ -272,8 +244,7 @@ def _moe_lab_grader_call(name, cases_path, out_path):
         else:
             out = got[0] if isinstance(got, (tuple, list)) and got else got
             if case["grad_wrt"] and not (isinstance(out, torch.Tensor) and out.requires_grad):
-                rec["grad_error"] = ("output is not differentiable: gradients must reach the inputs "
-                                     "(no .detach(), .item() or in-place tricks)")
+                rec["grad_error"] = NOT_DIFFERENTIABLE
             elif case["grad_wrt"]:
                 try:
                     grads = torch.autograd.grad((out * case["weights"].to(out.dtype)).sum(),
@@ -284,7 +255,7 @@ def _moe_lab_grader_call(name, cases_path, out_path):
         records.append(rec)
     module = str(getattr(fn, "__module__", None) or "")
     torch.save({"records": records, "module": module}, out_path)
-'''.replace("STUB_MESSAGE", repr(STUB_MESSAGE))
+'''.replace("STUB_MESSAGE", repr(STUB_MESSAGE)).replace("NOT_DIFFERENTIABLE", repr(NOT_DIFFERENTIABLE))
 
 
 class _Unsupported:
@@ -305,13 +276,7 @@ def _gradient_problem(ex: Exercise, item: GradedCase, rec: dict) -> str | None:
     grads = rec.get("grads")
     if not (isinstance(grads, list) and len(grads) == len(item.case.grad_wrt)):
         return "the grader could not read the gradients of your function"
-    for i, ref, got in zip(item.case.grad_wrt, item.ref_grads, grads):
-        if got is None:
-            return f"no gradient reaches argument {i}: it should influence the output differentiably"
-        problem = compare(ref, _revive(got), ex.rtol * 10, ex.atol * 10, f"gradient w.r.t. argument {i}")
-        if problem:
-            return problem
-    return None
+    return compare_gradients(ex, item.case, item.ref, [None if g is None else _revive(g) for g in grads])
 
 
 def judge(ex: Exercise, cases: list[GradedCase], records: list[dict]) -> CheckResult:
@@ -328,7 +293,7 @@ def judge(ex: Exercise, cases: list[GradedCase], records: list[dict]) -> CheckRe
         if "raised" in rec:
             problem = f"raised {rec['raised']}"
         else:
-            problem = compare(item.expected, _revive(rec.get("out")), ex.rtol, ex.atol)
+            problem = compare(item.ref.expected, _revive(rec.get("out")), ex.rtol, ex.atol)
             if not problem and case.grad_wrt:
                 problem = _gradient_problem(ex, item, rec)
         if problem:
@@ -531,7 +496,7 @@ def grade_submission(sub: Submission, nb: dict, refs: dict[str, list[GradedCase]
 
 def _save_cases(cases: list[GradedCase], path: Path) -> None:
     torch.save([{"args": list(c.case.args), "kwargs": c.case.kwargs, "grad_wrt": list(c.case.grad_wrt),
-                 "weights": c.weights} for c in cases], path)
+                 "weights": c.ref.weights} for c in cases], path)
 
 
 def _verdict(ex: Exercise, cases: list[GradedCase], loaded: Any, problem: str) -> CheckResult:

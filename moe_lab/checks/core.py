@@ -147,30 +147,81 @@ def compare(expected: Any, got: Any, rtol: float, atol: float, what: str = "outp
     return None
 
 
-def _run_case(ex: Exercise, fn: Callable, case: Case) -> str | None:
-    def call(f: Callable) -> tuple[Any, list[torch.Tensor]]:
-        args = [_fresh(a, grad=i in case.grad_wrt) for i, a in enumerate(case.args)]
-        return f(*args, **_fresh(case.kwargs)), [args[i] for i in case.grad_wrt]
+NOT_DIFFERENTIABLE = ("output is not differentiable: gradients must reach the inputs "
+                      "(no .detach(), .item() or in-place tricks)")
 
-    expected, ref_inputs = call(ex.reference)
-    got, student_inputs = call(fn)
-    problem = compare(expected, got, ex.rtol, ex.atol)
-    if problem or not case.grad_wrt:
-        return problem
-    out_ref = expected[0] if isinstance(expected, (tuple, list)) else expected
-    out_got = got[0] if isinstance(got, (tuple, list)) and got else got
-    if not out_got.requires_grad:
-        return "output is not differentiable: gradients must reach the inputs (no .detach(), .item() or in-place tricks)"
-    weights = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(1), dtype=out_ref.dtype)
-    ref_grads = torch.autograd.grad((out_ref * weights).sum(), ref_inputs, allow_unused=True)
-    got_grads = torch.autograd.grad((out_got * weights.to(out_got.dtype)).sum(), student_inputs, allow_unused=True)
-    for i, r, g in zip(case.grad_wrt, ref_grads, got_grads):
-        if g is None:
+
+@dataclass
+class Reference:
+    """The reference answer to a case: the output and, for gradient cases, the fixed random cotangent
+    ``weights`` and the gradients of ``sum(output * weights)`` with respect to ``case.grad_wrt``."""
+
+    expected: Any
+    weights: torch.Tensor | None = None
+    grads: tuple = ()
+
+
+def exercise_cases(ex: Exercise, seed: int, hidden: bool) -> list[tuple[Case, bool]]:
+    """``(case, is_hidden)`` pairs: the visible cases, then (if ``hidden``) the hidden ones, for ``seed``."""
+    cases = []
+    for is_hidden in (False, True) if hidden else (False,):
+        seed_everything(seed + (1000 if is_hidden else 0))
+        cases += [(case, is_hidden) for case in ex.cases(is_hidden)]
+    return cases
+
+
+def first_output(value: Any) -> Any:
+    """The output that gradients are checked on: the first item of a tuple or list, else the value."""
+    return value[0] if isinstance(value, (tuple, list)) and value else value
+
+
+def _call(fn: Callable, case: Case) -> tuple[Any, list[torch.Tensor]]:
+    args = [_fresh(a, grad=i in case.grad_wrt) for i, a in enumerate(case.args)]
+    return fn(*args, **_fresh(case.kwargs)), [args[i] for i in case.grad_wrt]
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def reference_answer(ex: Exercise, case: Case) -> Reference:
+    """Run the exercise's reference on (copies of) the case's inputs."""
+    with torch.random.fork_rng():
+        expected, inputs = _call(ex.reference, case)
+    ref = Reference(_detached(expected))
+    if case.grad_wrt:
+        out = first_output(expected)
+        ref.weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        ref.grads = torch.autograd.grad((out * ref.weights).sum(), inputs, allow_unused=True)
+    return ref
+
+
+def compare_gradients(ex: Exercise, case: Case, ref: Reference, grads: list) -> str | None:
+    """``None`` if the student's input gradients match the reference's, else why not."""
+    for i, expected, got in zip(case.grad_wrt, ref.grads, grads):
+        if got is None:
             return f"no gradient reaches argument {i}: it should influence the output differentiably"
-        problem = compare(r, g, ex.rtol * 10, ex.atol * 10, f"gradient w.r.t. argument {i}")
+        problem = compare(expected, got, ex.rtol * 10, ex.atol * 10, f"gradient w.r.t. argument {i}")
         if problem:
             return problem
     return None
+
+
+def _run_case(ex: Exercise, fn: Callable, case: Case) -> str | None:
+    ref = reference_answer(ex, case)
+    got, inputs = _call(fn, case)
+    problem = compare(ref.expected, got, ex.rtol, ex.atol)
+    if problem or not case.grad_wrt:
+        return problem
+    out = first_output(got)
+    if not (isinstance(out, torch.Tensor) and out.requires_grad):
+        return NOT_DIFFERENTIABLE
+    grads = torch.autograd.grad((out * ref.weights.to(out.dtype)).sum(), inputs, allow_unused=True)
+    return compare_gradients(ex, case, ref, grads)
 
 
 def run_check(exercise_id: str, fn: Callable, *, hidden: bool = False, seed: int = 0) -> CheckResult:
@@ -185,10 +236,7 @@ def run_check(exercise_id: str, fn: Callable, *, hidden: bool = False, seed: int
     if not callable(fn):
         result.message = f"expected a function named {ex.function}, got {type(fn).__name__}"
         return result
-    cases: list[Case] = []
-    for is_hidden in (False, True) if hidden else (False,):
-        seed_everything(seed + (1000 if is_hidden else 0))
-        cases += ex.cases(is_hidden)
+    cases = [case for case, _ in exercise_cases(ex, seed, hidden)]
     result.total_cases = len(cases)
     for case in cases:
         try:
