@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..losses import switch_aux_loss
 from ..metrics import max_violation, routing_entropy, tokens_per_expert
-from ..routing import Router, check_k, softmax_topk
+from ..routing import Router, check_k, dense_gates, softmax_topk
 from ._display import FigureDashboard
 
 DISTRIBUTIONS = ("gaussian", "clustered", "dominant")
@@ -63,7 +63,7 @@ class RoutingSnapshot:
         """Summarise a routing decision. probs: ``[T, E]``, gates / experts: ``[T, k]``."""
         num_tokens, num_experts = probs.shape
         load = tokens_per_expert(experts, num_experts)
-        gate_matrix = torch.zeros(num_tokens, num_experts, dtype=torch.float32).scatter(1, experts, gates.float())
+        gate_matrix = dense_gates(gates, experts, num_experts)
         return cls(
             probs=probs,
             gates=gates,

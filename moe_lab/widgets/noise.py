@@ -49,8 +49,7 @@ def noise_snapshot(
     base = clean.topk(k, dim=-1).indices.sort(dim=-1).values
     changed = float((experts.sort(dim=-1).values != base).any(dim=-1).float().mean())
     load = tokens_per_expert(experts, clean.shape[-1])
-    share = load.float() / load.sum()
-    load_entropy = float(-(share * share.clamp_min(1e-30).log()).sum())
+    load_entropy = routing_entropy((load.float() / load.sum())[None])  # entropy of the load distribution
     return NoiseSnapshot(scale, load, routing_entropy(probs), load_entropy, max_over_mean(load), changed)
 
 
