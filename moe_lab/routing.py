@@ -25,23 +25,33 @@ def check_k(k: int, num_experts: int) -> None:
         raise ValueError(f"k must be an integer with 1 <= k <= num_experts={num_experts}, got k={k!r}")
 
 
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether input checks may read ``t``'s values: always on CPU; on other devices (where a read is a host-device
+    sync) only under PyTorch's debug mode, ``torch.autograd.set_detect_anomaly(True)``."""
+    return t.device.type == "cpu" or torch.is_anomaly_enabled()
+
+
 def check_experts(experts: torch.Tensor, num_experts: int) -> None:
     """Raise ``ValueError`` unless ``experts`` is an integer ``[T, k]`` tensor of ids in ``0 .. num_experts - 1``.
 
-    The range is checked on CPU tensors only: on CUDA it would force a host sync on every call (an id out of
-    range there fails in the indexing kernel instead).
+    The range is checked where :func:`reads_values` allows (on CUDA an id out of range otherwise fails in the
+    indexing kernel).
     """
     if experts.dim() != 2 or experts.is_floating_point() or experts.is_complex():
         raise ValueError(f"experts must be an integer tensor of shape [tokens, k], got {experts.dtype} "
                          f"of shape {tuple(experts.shape)}")
-    if experts.device.type == "cpu" and experts.numel() and (experts.min() < 0 or experts.max() >= num_experts):
+    if reads_values(experts) and experts.numel() and (experts.min() < 0 or experts.max() >= num_experts):
         raise ValueError(f"experts must hold expert ids in 0..{num_experts - 1} (num_experts={num_experts}), "
                          f"got ids from {int(experts.min())} to {int(experts.max())}")
 
 
 def check_finite_logits(logits: torch.Tensor) -> None:
-    """Raise ``ValueError`` if router logits contain NaN or +-inf (a sign of a diverging router)."""
-    if not torch.isfinite(logits).all():
+    """Raise ``ValueError`` if router logits contain NaN or +-inf (a sign of a diverging router).
+
+    Checked where :func:`reads_values` allows, so a CUDA forward pass never waits for the GPU; there a diverged
+    router shows up as a NaN loss (or, under anomaly detection, as this error).
+    """
+    if reads_values(logits) and not torch.isfinite(logits).all():
         bad = int((~torch.isfinite(logits)).sum())
         raise ValueError(
             f"router logits contain {bad} non-finite value(s) (NaN or inf): the router has diverged "

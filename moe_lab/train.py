@@ -68,6 +68,7 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
     The loss is :meth:`MoETransformer.loss` (cross-entropy + weighted aux and z-losses). Batches come from a
     generator seeded with ``seed``; with ``val_data`` and ``eval_every > 0`` the validation loss is recorded
     every ``eval_every`` steps and at the end. ``progress`` shows a tqdm bar (a widget in notebooks).
+    Raises ``FloatingPointError`` as soon as the loss is NaN or infinite.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -92,6 +93,9 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
             torch.cuda.synchronize(device)
         history.step_time.append(time.perf_counter() - start)
         history.loss.append(out.total.item())
+        if not math.isfinite(history.loss[-1]):
+            raise FloatingPointError(f"the loss is {history.loss[-1]} at step {step}: training diverged "
+                                     f"(try a learning rate below lr={lr}, gradient clipping or the z-loss)")
         history.ce.append(out.ce.item())
         history.aux.append(out.aux.item())
         history.z.append(out.z.item())

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from moe_lab.routing import Router, softmax_topk
+from moe_lab.routing import Router, check_experts, check_finite_logits, softmax_topk
 
 
 def naive_gating(logits, k, renormalize):
@@ -78,6 +78,16 @@ def test_non_finite_logits_rejected(bad):
     logits[1, 2] = bad
     with pytest.raises(ValueError, match="non-finite"):
         softmax_topk(logits, 2)
+
+
+def test_checks_never_read_values_off_cpu():
+    """Off the CPU (here the meta device, which holds no values) a value read would be a host-device sync:
+    the checks skip it unless anomaly detection (PyTorch's debug mode) is on."""
+    logits, experts = torch.empty(3, 4, device="meta"), torch.empty(3, 2, dtype=torch.long, device="meta")
+    check_finite_logits(logits)
+    check_experts(experts, 4)
+    with torch.autograd.set_detect_anomaly(True), pytest.raises(RuntimeError, match="meta"):
+        check_finite_logits(logits)  # reads (and so fails on meta tensors) in debug mode
 
 
 def test_bad_options_rejected():

@@ -23,6 +23,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def test_diverged_loss_stops_training():
+    model = MoETransformer(toy_config("mixtral", **SMALL))
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")  # after the last MoE layer: the routers stay finite, the loss is NaN
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        train(model, torch.arange(500) % 256, steps=3, progress=False)
+
+
 def test_stdlib_corpus_is_the_standard_library_source():
     first = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[0]
     data = stdlib_corpus(5000)
