@@ -1,7 +1,7 @@
 """Training data that needs no download: byte-level text from the Python standard library's own source files
-(read from the running interpreter's installation), and a synthetic multi-domain dataset with known domains.
+(read from the running interpreter's installation).
 
-Token ids are bytes (vocabulary 256) for the corpus; shapes: ``data: [N]`` int64, batches ``[B, L]``.
+Token ids are bytes (vocabulary 256); shapes: ``data: [N]`` int64, batches ``[B, L]``.
 """
 from __future__ import annotations
 
@@ -53,27 +53,3 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torc
     window = starts[:, None] + torch.arange(seq_len + 1)
     tokens = data[window]
     return tokens[:, :-1], tokens[:, 1:]
-
-
-def synthetic_domains(num_sequences: int, seq_len: int, num_domains: int = 4, tokens_per_domain: int = 16,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences from ``num_domains`` known "languages": domain ``d`` uses only token ids
-    ``[d*V_d, (d+1)*V_d)`` (``V_d = tokens_per_domain``) and its own random first-order Markov chain.
-
-    Returns ``tokens: [num_sequences, seq_len]`` int64 (vocabulary ``num_domains * V_d``) and
-    ``domains: [num_sequences]`` int64, the ground truth an expert-specialisation plot can be checked against.
-    """
-    for name, value in (("num_sequences", num_sequences), ("seq_len", seq_len), ("num_domains", num_domains),
-                        ("tokens_per_domain", tokens_per_domain)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    g = torch.Generator().manual_seed(seed)
-    # peaked transition matrices: each domain has its own predictable structure
-    transitions = torch.softmax(3 * torch.randn(num_domains, tokens_per_domain, tokens_per_domain, generator=g), -1)
-    domains = torch.randint(num_domains, (num_sequences,), generator=g)
-    local = torch.empty(num_sequences, seq_len, dtype=torch.long)
-    local[:, 0] = torch.randint(tokens_per_domain, (num_sequences,), generator=g)
-    for t in range(1, seq_len):
-        probs = transitions[domains, local[:, t - 1]]  # [N, V_d]
-        local[:, t] = torch.multinomial(probs, 1, generator=g).squeeze(1)
-    return local + domains[:, None] * tokens_per_domain, domains

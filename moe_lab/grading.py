@@ -601,7 +601,9 @@ def feedback_text(sub: Submission, seed: int) -> str:
         lines.append(f"Score:    {_num(sub.total)} / {sub.max_total}")
         lines += ["", "Each function was checked by the grader on the visible cases and on hidden cases",
                   f"(seed {seed}), independently of what your notebook printed.", ""]
-        lines += [str(sub.results[k]) for k in sorted(sub.results, key=_exercise_key)]
+        for ex_id in sorted(sub.results, key=_exercise_key):
+            title = REGISTRY[ex_id].title if ex_id in REGISTRY else ex_id
+            lines += [f"{ex_id} {title}", str(sub.results[ex_id]), ""]
     if sub.notes:
         lines += ["", "Notes:"] + [f"- {note}" for note in sub.notes]
     return "\n".join(lines) + "\n"

@@ -38,15 +38,6 @@ def max_over_mean(load: torch.Tensor) -> float:
     return 1.0 + max_violation(load)
 
 
-def coefficient_of_variation(load: torch.Tensor) -> float:
-    """CV = std / mean of ``load: [E]`` (population std; Shazeer et al. 2017, Table 6). 0 is perfect balance."""
-    load = load.float()
-    mean = load.mean()
-    if mean == 0:
-        raise ValueError("load must have at least one routed token (its mean is 0)")
-    return float(load.std(unbiased=False) / mean) if load.numel() > 1 else 0.0
-
-
 def drop_rate(dropped: torch.Tensor) -> float:
     """Fraction of token-slots dropped by expert capacity. dropped: ``[T, k]`` bool -> float in [0, 1]."""
     if dropped.numel() == 0:

@@ -136,7 +136,8 @@ def test_csv_feedback_and_summary_of_rows_without_results(tmp_path):
     assert [r[0] for r in rows[1:]] == ["a/x.ipynb", "b.txt", "z.ipynb"]
     assert rows[3][3:5] == ["1", ""] and rows[3][-3:] == ["1", "9", ""]
     grading.write_feedback(subs, tmp_path / "fb", seed=5)
-    assert "[PASS] 02.1 router_probs" in (tmp_path / "fb" / "z.ipynb.txt").read_text()
+    feedback = (tmp_path / "fb" / "z.ipynb.txt").read_text()
+    assert f"02.1 {REGISTRY['02.1'].title}\n[PASS] 02.1 router_probs" in feedback
     assert "- boom" in (tmp_path / "fb" / "a__x.ipynb.txt").read_text()
     text = grading.summary(subs)
     assert "router_probs" in text and "grader-error" in text and "unreadable" in text

@@ -1,5 +1,5 @@
 """Training loop, history and data: the corpus is the interpreter's own standard library, batches are shifted
-windows, the synthetic domains obey their construction."""
+windows."""
 import math
 import sysconfig
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_lab.data import get_batch, stdlib_corpus, stdlib_files, synthetic_domains, train_val_split
+from moe_lab.data import get_batch, stdlib_corpus, stdlib_files, train_val_split
 from moe_lab.model import MoETransformer, toy_config
 from moe_lab.train import evaluate, lr_at, train
 
@@ -52,19 +52,6 @@ def test_batches_are_shifted_windows():
     assert torch.equal(torch.cat([train_part, val_part]), data) and len(val_part) == 20
     with pytest.raises(ValueError, match="seq_len"):
         get_batch(data, 1, 100)
-
-
-def test_synthetic_domains_follow_their_construction():
-    tokens, domains = synthetic_domains(200, 30, num_domains=3, tokens_per_domain=8, seed=1)
-    assert tokens.shape == (200, 30) and domains.shape == (200,)
-    assert torch.equal(tokens // 8, domains[:, None].expand(-1, 30))  # each sequence stays in its domain's range
-    again = synthetic_domains(200, 30, num_domains=3, tokens_per_domain=8, seed=1)
-    assert torch.equal(again[0], tokens)
-    # peaked chains: the most frequent successor of a token is far above chance (1/8)
-    pairs = torch.stack([tokens[:, :-1].reshape(-1), tokens[:, 1:].reshape(-1)])
-    counts = torch.zeros(24, 24).index_put_(tuple(pairs), torch.ones(pairs.shape[1]), accumulate=True)
-    top = counts.max(1).values.sum() / counts.sum()
-    assert top > 0.3
 
 
 def test_lr_schedule():
