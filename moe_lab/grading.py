@@ -602,8 +602,7 @@ def feedback_text(sub: Submission, seed: int) -> str:
         lines += ["", "Each function was checked by the grader on the visible cases and on hidden cases",
                   f"(seed {seed}), independently of what your notebook printed.", ""]
         for ex_id in sorted(sub.results, key=_exercise_key):
-            title = REGISTRY[ex_id].title if ex_id in REGISTRY else ex_id
-            lines += [f"{ex_id} {title}", str(sub.results[ex_id]), ""]
+            lines += [f"{ex_id} {REGISTRY[ex_id].title}", str(sub.results[ex_id]), ""]
     if sub.notes:
         lines += ["", "Notes:"] + [f"- {note}" for note in sub.notes]
     return "\n".join(lines) + "\n"
