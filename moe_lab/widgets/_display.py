@@ -29,6 +29,12 @@ class FigureDashboard(widgets.VBox):
         self.png = b""
         super().__init__([widgets.HBox([controls[name] for name in row]) for row in rows] + [self.text, self.plot])
 
+    def redraw_on_change(self) -> None:
+        """Call ``update`` now and whenever a control's value changes (dashboards that redraw from scratch)."""
+        for control in self.controls.values():
+            control.observe(self.update, names="value")
+        self.update()
+
     def show_figure(self, fig: Figure, text: str) -> None:
         """Replace the plot with ``fig`` and the text line with ``text`` (HTML)."""
         self.png = png_bytes(fig)

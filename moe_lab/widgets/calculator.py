@@ -109,9 +109,7 @@ class CalculatorDashboard(FigureDashboard):
     def __init__(self, controls: dict[str, widgets.ValueWidget]):
         names = list(controls)
         super().__init__(controls, [names[i:i + 3] for i in range(0, len(names), 3)])
-        for control in controls.values():
-            control.observe(self.update, names="value")
-        self.update()
+        self.redraw_on_change()
 
     def update(self, change: dict | None = None) -> None:
         """Recompute and redraw from the current control values."""

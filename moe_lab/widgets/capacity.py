@@ -86,9 +86,7 @@ class CapacityDashboard(FigureDashboard):
     def __init__(self, controls, experts: torch.Tensor, probs: torch.Tensor, num_experts: int):
         super().__init__(controls, [["capacity_factor", "policy"]])
         self.experts, self.probs, self.num_experts = experts, probs, num_experts
-        for control in controls.values():
-            control.observe(self.update, names="value")
-        self.update()
+        self.redraw_on_change()
 
     def update(self, change: dict | None = None) -> None:
         """Recompute and redraw from the current control values."""

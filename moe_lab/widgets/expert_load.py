@@ -166,9 +166,7 @@ class ExpertLoadDashboard(FigureDashboard):
     def __init__(self, controls: dict[str, widgets.ValueWidget], d_model: int, seed: int):
         self.d_model, self.seed = d_model, seed
         super().__init__(controls, [["num_experts", "k", "logit_scale"], ["distribution", "num_tokens"]])
-        for control in controls.values():
-            control.observe(self.update, names="value")
-        self.update()
+        self.redraw_on_change()
 
     def update(self, change: dict | None = None) -> None:
         """Recompute and redraw from the current control values."""

@@ -73,9 +73,7 @@ class NoiseDashboard(FigureDashboard):
     def __init__(self, controls, clean: torch.Tensor, noise_std: torch.Tensor, seed: int):
         super().__init__(controls, [["scale", "k"]])
         self.clean, self.noise_std, self.seed = clean, noise_std, seed
-        for control in controls.values():
-            control.observe(self.update, names="value")
-        self.update()
+        self.redraw_on_change()
 
     def update(self, change: dict | None = None) -> None:
         """Recompute and redraw from the current control values."""
