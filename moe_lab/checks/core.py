@@ -28,6 +28,16 @@ class Exercise:
     """A graded exercise: the function the student writes and how to check it.
 
     ``cases(hidden)`` builds the cases (hidden ones only for the grader) after the checker seeds the RNGs.
+
+    Feedback and integrity:
+    - ``hint``: the first hint, shown with a failing case; it names the idea, not the code.
+    - ``hints``: further hints, each more concrete than the last, revealed on request; only an exercise that is
+      mechanical may end with code.
+    - ``mistakes``: known wrong variants, ``description -> function`` with the reference's signature; when the
+      student's output on a failing case matches one, the verdict says "this looks like <description>".
+    - ``allow``: the ``moe_lab`` code the student's function may call, as qualified names
+      (``"moe_lab.routing.softmax_topk"``) or module prefixes (``"moe_lab.balancing"``); any other call into
+      ``moe_lab`` while the function runs scores 0.
     """
 
     id: str
@@ -37,6 +47,9 @@ class Exercise:
     reference: Callable
     cases: Callable[[bool], list[Case]]
     hint: str
+    hints: tuple[str, ...] = ()
+    mistakes: dict[str, Callable] = field(default_factory=dict)
+    allow: tuple[str, ...] = ()
     rtol: float = 1e-5
     atol: float = 1e-6
 
@@ -55,13 +68,15 @@ REGISTRY: dict[str, Exercise] = {}
 STUB_MESSAGE = "replace this line with your code"  # what an unfinished exercise raises (see course.py)
 
 
-def exercise(id: str, *, function: str, title: str, points: int, reference: Callable, hint: str, **tol):
-    """Decorator registering a case builder ``cases(hidden: bool) -> list[Case]`` as exercise ``id``."""
+def exercise(id: str, *, function: str, title: str, points: int, reference: Callable, hint: str, **options):
+    """Decorator registering a case builder ``cases(hidden: bool) -> list[Case]`` as exercise ``id``.
+
+    ``options``: ``hints``, ``mistakes``, ``allow``, ``rtol``, ``atol`` (see :class:`Exercise`)."""
 
     def register(cases: Callable[[bool], list[Case]]) -> Callable[[bool], list[Case]]:
         if id in REGISTRY:
             raise ValueError(f"exercise id {id!r} is registered twice")
-        REGISTRY[id] = Exercise(id, function, title, points, reference, cases, hint, **tol)
+        REGISTRY[id] = Exercise(id, function, title, points, reference, cases, hint, **options)
         return cases
 
     return register
