@@ -415,3 +415,28 @@ def test_sequence_structure_is_kept_for_the_sequence_wise_loss():
     _, flat = layer(x.reshape(30, 16))  # [T, d]: one sequence of 30 tokens
     torch.testing.assert_close(flat.seq_aux_loss, sequence_balance_loss(flat.probs[None], flat.experts[None]))
     torch.testing.assert_close(flat.probs, flat.scores / flat.scores.sum(-1, keepdim=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deepseek_v3_layer_and_bias_update_do_not_sync_on_cuda():
+    """Sigmoid gating with a bias, group limits, shared experts, load counting, the new losses and the bias
+    update never wait for the GPU (as the plain layer in tests/test_cuda.py)."""
+    from moe_lab.bias_balancing import BiasBalancer
+
+    cuda = torch.device("cuda")
+    layer = MoELayer(64, 96, 16, 4, score_func="sigmoid", selection_bias=True, bias_update_rate=1e-3, n_groups=4,
+                     topk_groups=2, group_score="top2_sum", routed_scaling_factor=2.5, n_shared=1).to(cuda)
+    layer.experts.to(torch.bfloat16)
+    x = torch.randn(4, 64, 64, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    balancer = BiasBalancer(layer)
+    layer(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, info = layer(x)
+        (y.float().square().mean() + info.seq_aux_loss + info.device_aux_loss + info.comm_aux_loss).backward()
+        balancer.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.expert_bias.dtype == torch.float32 and layer.load_counts.sum() == 0
