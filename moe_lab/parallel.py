@@ -172,15 +172,12 @@ class ExpertParallelMoELayer(MoELayer):
 
     @classmethod
     def from_layer(cls, layer: MoELayer, group: dist.ProcessGroup | None = None) -> "ExpertParallelMoELayer":
-        """Shard a single-process layer: copy its router and this rank's slice of its experts."""
-        ep = cls(
-            layer.d_model, layer.experts.d_ff, layer.num_experts, layer.k,
-            activation=layer.experts.activation, softmax_order=layer.softmax_order,
-            renormalize=layer.renormalize, router=layer.router_type, jitter_eps=layer.jitter_eps,
-            capacity_factor=layer.capacity_factor, drop_policy=layer.drop_policy, group=group,
-        ).to(layer.experts.w1.device)
+        """Shard a single-process layer (same config): copy its router, shared experts and selection bias, and
+        this rank's slice of its experts."""
+        ep = cls.from_config(layer.config, group=group).to(layer.experts.w1.device)
         ep.experts.to(layer.experts.w1.dtype)  # the router keeps its own dtype (float32)
-        ep.router.load_state_dict(layer.router.state_dict())
+        ep.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("experts.")},
+                           strict=False)
         local = slice(ep.first_expert, ep.first_expert + ep.num_local_experts)
         with torch.no_grad():
             for name, w in ep.experts.named_parameters():

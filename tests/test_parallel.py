@@ -19,6 +19,9 @@ SCENARIOS = {
     "capacity_probability": (
         {"k": 2, "capacity_factor": 0.75, "drop_policy": "probability"}, lambda w: [7 + 2 * r for r in range(w)]),
     "top1_no_renormalize": ({"k": 1, "renormalize": False, "capacity_factor": 1.25}, lambda w: [16] * w),
+    "deepseek_v3_bias_groups_shared": (
+        {"k": 2, "score_func": "sigmoid", "selection_bias": True, "n_groups": 4, "topk_groups": 2,
+         "group_score": "top2_sum", "routed_scaling_factor": 2.5, "n_shared": 1}, lambda w: [16] * w),
 }
 
 
@@ -33,6 +36,8 @@ def _build(name: str, world: int):
     with torch.no_grad():
         layer.router.weight[list(HOT), 0] += 0.5  # hot experts: uneven load
         layer.router.weight[list(COLD), 0] -= 30.0  # cold experts: empty
+        if layer.expert_bias is not None:  # a non-zero selection bias, which from_layer must copy
+            layer.expert_bias.copy_(torch.linspace(-0.05, 0.05, NUM_EXPERTS))
     return layer, x, torch.randn(sum(sizes), D_MODEL), sizes
 
 
