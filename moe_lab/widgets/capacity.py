@@ -74,8 +74,7 @@ def draw_queues(snap: CapacitySnapshot, experts: torch.Tensor) -> Figure:
     ax.set_xlim(-0.6, num_experts - 0.4)
     ax.set_ylim(0, 1.3 * max(int(snap.routed.max()), snap.capacity) + 1)
     ax.set(xlabel="expert", ylabel="queue position", xticks=range(num_experts),
-           title=f"capacity factor {snap.capacity_factor:g}, priority by {snap.policy}: "
-                 f"{100 * snap.drop_rate:.0f}% of slots dropped (red)")
+           title=f"capacity factor {snap.capacity_factor:g}, priority: {snap.policy}")
     ax.legend(loc="upper right", fontsize=8)
     return fig
 
