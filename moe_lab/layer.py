@@ -61,7 +61,8 @@ class MoELayer(nn.Module):
         capacity_factor: ``None`` (dropless, default) or ``> 0``: each expert takes at most
             :func:`moe_lab.dispatch.expert_capacity` ``(T, E, capacity_factor, k)`` slots per forward pass.
         drop_policy: which slots win when an expert overflows: ``"position"`` (Switch: first choices in
-            token order, then second choices) or ``"probability"`` (highest router probability first).
+            token order, then second choices), ``"probability"`` (highest router probability first) or
+            ``"batch_priority"`` (V-MoE: first choices before second choices, tokens by top-1 probability).
 
     ``forward(x)`` takes ``x: [..., d_model]`` and returns ``(y, info)`` with ``y`` shaped like ``x`` and
     ``info`` a :class:`RoutingInfo` over the flattened ``T`` tokens. Dropped slots add exactly zero to ``y``:

@@ -45,7 +45,7 @@ def capacity_snapshot(
     policy: str = "position",
 ) -> CapacitySnapshot:
     """Apply expert capacity to a routing decision. experts, probs: ``[T, k]`` (probs: router probability of
-    each selected slot, used by ``policy="probability"``)."""
+    each selected slot, used by the policies ``"probability"`` and ``"batch_priority"``)."""
     num_tokens, k = experts.shape
     capacity = expert_capacity(num_tokens, num_experts, capacity_factor, k)
     positions = queue_positions(experts, num_experts, probs, policy)
