@@ -65,6 +65,7 @@ class CodeTable:
         self._prefix = self.package_dir + os.sep
         self._names: dict[tuple, set[str]] = {}
         self._modules: dict[str, str | None] = {}  # file name -> module, None outside the package
+        self._seen: dict[int, tuple] = {}           # id(code) -> (code, identify(code)): each code looked at once
         for folder, dirs, files in os.walk(self.package_dir):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             for file in sorted(f for f in files if f.endswith(".py")):
@@ -81,6 +82,17 @@ class CodeTable:
     def names(self) -> set[str]:
         """The qualified name of every code object in the table."""
         return set().union(*self._names.values())
+
+    def lookup(self, code: types.CodeType) -> tuple[str, bool] | None:
+        """:meth:`identify`, remembered (the code object is kept, so its id is not reused)."""
+        entry = self._seen.get(id(code))
+        if entry is not None and entry[0] is code:
+            return entry[1]
+        if len(self._seen) > _CACHE_LIMIT:
+            self._seen.clear()
+        kind = self.identify(code)
+        self._seen[id(code)] = (code, kind)
+        return kind
 
     def identify(self, code: types.CodeType) -> tuple[str, bool] | None:
         """``(qualified name, genuine)`` if ``code`` is moe_lab's, else ``None``. ``genuine`` is False for code in
@@ -148,7 +160,6 @@ class _State:
         self.all_threads = False           # every thread started gets the profiler (the grader's kernel)
         self.tampered: set[int] = set()    # threads that replaced it since
         self.audit = False
-        self.kinds: dict[int, tuple] = {}
 
 
 _STATE = _State()
@@ -184,8 +195,9 @@ def _profile(frame, event, arg):
             try:
                 guard._on_call(frame)
             except Exception:  # e.g. at the recursion limit: unless the code is known not to be moe_lab's, say so
-                entry = _STATE.kinds.get(id(frame.f_code))
-                if entry is None or entry[0] is not frame.f_code or entry[1] not in (None, TRUSTED):
+                entry = guard.table._seen.get(id(frame.f_code))
+                if id(frame.f_code) not in _STATE.trusted and (
+                        entry is None or entry[0] is not frame.f_code or entry[1] is not None):
                     guard._violate("called code the integrity check could not inspect (at the recursion limit "
                                    "or out of memory)")
 
@@ -265,17 +277,7 @@ class Guard:
         self._saved: list[tuple] = []
 
     def _kind(self, code):
-        entry = _STATE.kinds.get(id(code))
-        if entry is not None and entry[0] is code:
-            return entry[1]
-        if id(code) in _STATE.trusted:
-            kind = TRUSTED
-        else:
-            kind = self.table.identify(code)
-        if len(_STATE.kinds) > _CACHE_LIMIT:
-            _STATE.kinds.clear()
-        _STATE.kinds[id(code)] = (code, kind)
-        return kind
+        return TRUSTED if id(code) in _STATE.trusted else self.table.lookup(code)
 
     def _allowed(self, kind) -> bool:
         name, genuine = kind

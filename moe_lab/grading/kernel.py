@@ -2,8 +2,8 @@
 
 Memory is limited twice: ``RLIMIT_DATA`` in the kernel (an allocation beyond it raises ``MemoryError``), and a
 watchdog in the grader that sums the resident memory of every process in the kernel's process group (private
-and shared pages, ``mmap``'d files and libraries included, from ``/proc``) every ``WATCH_INTERVAL`` seconds and
-kills the group when it passes the limit. Before each graded call, processes the notebook left running in the
+and shared pages, ``mmap``'d files and libraries included, from ``/proc``) every ``WATCH_INTERVAL`` seconds (the
+group's members are listed every ``MEMBERS_EVERY`` looks) and kills the group when it passes the limit. Before each graded call, processes the notebook left running in the
 group are killed, so no helper started by a cell can answer for the student's function.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ PACKAGE = Path(__file__).resolve().parent.parent
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
 INTERRUPT_GRACE = 5.0     # seconds a kernel gets to stop after an interrupt before it is killed
 WATCH_INTERVAL = 0.1      # seconds between two looks at the kernel's memory
+MEMBERS_EVERY = 10        # ... and between two listings of its process group, in looks
 
 
 @dataclass
@@ -116,9 +117,12 @@ class KernelSession:
         self.run("get_ipython().ask_exit = lambda: None", 30)
 
     def _watch(self) -> None:
-        limit = self.limits.memory_mb * 2**20
+        limit, members, tick = self.limits.memory_mb * 2**20, [self.pid], 0
         while not self._stop.wait(WATCH_INTERVAL):
-            if resident_bytes(group_members(self.pid)) > limit:
+            tick += 1
+            if tick % MEMBERS_EVERY == 0:  # listing the group reads all of /proc: not every time
+                members = group_members(self.pid) or [self.pid]
+            if resident_bytes(members) > limit:
                 self.memory_killed = True
                 self._kill_group()
                 return
