@@ -246,6 +246,9 @@ def test_replies_are_verified(tmp_path):
         with pytest.raises(protocol.BadReply, match="not signed") as err:
             protocol.read_reply(out, KEY, "n", 1)
         assert not err.value.signed
+    out.write_bytes(b'{"nonce": "n", "mac": "\\u00e9"}\n')
+    with pytest.raises(protocol.BadReply, match="not signed"):
+        protocol.read_reply(out, KEY, "n", 1)
     out.write_bytes(b"garbage")
     with pytest.raises(protocol.BadReply, match="not signed"):
         protocol.read_reply(out, KEY, "n", 1)

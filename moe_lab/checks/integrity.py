@@ -222,6 +222,8 @@ def _process_start(*args, **kwargs):
 
 
 def _patch_threads(on: bool) -> None:
+    if not isinstance(_start_new_thread, types.BuiltinFunctionType):
+        return  # another guard (the grader's kernel launcher) already hooks every thread: leave its hook in place
     start = _thread_start if on else _start_new_thread
     _thread.start_new_thread = _thread.start_new = threading._start_new_thread = start
     _posixsubprocess.fork_exec = _process_start if on else _fork_exec

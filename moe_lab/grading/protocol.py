@@ -130,7 +130,7 @@ def read_reply(path: Path, key: bytes, nonce: str, cases: int) -> dict:
         if len(line) > MAX_HEADER_BYTES:
             raise ValueError
         header = json.loads(line)
-        if not isinstance(header, dict) or not isinstance(header.get("mac"), str):
+        if not (isinstance(header, dict) and isinstance(header.get("mac"), str) and header["mac"].isascii()):
             raise ValueError
     except ValueError:
         raise BadReply("its reply is not signed") from None

@@ -274,6 +274,12 @@ def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
     for name, (cell, reasons) in _routes(course).items():
         points = zero if len(reasons) == len(ids) else course.score(ids, set(reasons))
         out[name] = (course.notebook(ids, extra={end: [cell]}), Expected("graded", points, reasons))
+    # an honest function that runs on a thread pool, whose threads a check cell started, still passes
+    leaf = leaves[-1]
+    pool = (f"import concurrent.futures\n_pool = concurrent.futures.ThreadPoolExecutor(2)\n_own = {fns[leaf]}\n"
+            f"def {fns[leaf]}(*args, **kwargs):\n    return _pool.submit(_own, *args, **kwargs).result()\n"
+            f"check({leaf!r}, {fns[leaf]})")
+    out["thread_pool.ipynb"] = (course.notebook(ids, extra={end: [pool]}), Expected("graded", full))
     out["integrity_audit.ipynb"] = (course.notebook(ids, extra={end: ["import sys\nsys.audit = lambda *args: None"]}),
                                     Expected("graded", zero, {i: "was interfered with" for i in ids}))
     # what a function returns cannot blow up the grader: huge views, shared nesting, long lists, compressed archives
