@@ -125,6 +125,20 @@ def test_unsupported_objects_and_the_integrity_rule(tmp_path, monkeypatch):
     assert "called moe_lab.checks.nb02.group_by_expert" in result.message
 
 
+def test_the_kernel_stops_at_a_case_that_settles_the_verdict(tmp_path):
+    ex = REGISTRY["02.3"]
+    cases = grading.reference_cases(ex, SEED)
+    protocol.save_cases(cases, tmp_path / "cases.pt")
+    handler = launcher.Handler(integrity, calls, KEY, str(PACKAGE))
+    handler.call({ex.function: _not_implemented}, ex.function, tmp_path / "cases.pt", tmp_path / "out.pt", "n", ())
+    records = protocol.read_reply(tmp_path / "out.pt", KEY, "n", len(cases))["records"]
+    assert records == [{"not_implemented": True}]
+    assert grading.judge(ex, cases, records).status == "not implemented"
+    right = {"out": cases[0].ref.expected}
+    assert grading.judge(ex, cases, [right]).status == "error"  # cut short without a reason: not trusted
+    assert grading.judge(ex, cases, [right, {"raised": "KeyError: 1"}]).passed_cases == 1
+
+
 def test_known_mistakes_in_the_grader(tmp_path):
     """The grader computes the mistakes' answers itself and names the one the reply matches."""
     def cases(hidden):

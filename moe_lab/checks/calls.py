@@ -57,8 +57,11 @@ def plain(value: Any, budget: _Budget | None = None, depth: int = 0) -> Any:
         budget.spend(0, chars=len(value))
         return str.__str__(value)
     if isinstance(value, (tuple, list)):
-        items = [plain(v, budget, depth + 1) for v in (tuple.__iter__ if isinstance(value, tuple) else list.__iter__)(value)]
-        return tuple(items) if isinstance(value, tuple) else items
+        kind = tuple if isinstance(value, tuple) else list
+        if kind.__len__(value) > budget.items:  # too many before looking inside
+            raise TooLarge(f"it holds more than {MAX_ITEMS} values")
+        items = [plain(v, budget, depth + 1) for v in kind.__iter__(value)]
+        return tuple(items) if kind is tuple else items
     return {"__unsupported__": str(type(value).__name__)[:100]}
 
 
@@ -67,6 +70,9 @@ def _text(err: BaseException) -> str:
         return f"{type(err).__name__}: {err}"[:300]
     except Exception:
         return str(type(err).__name__)[:100]
+
+
+FINAL = ("not_implemented", "raised", "too_large")  # a record with one of these fails whatever the reference
 
 
 def run_case(fn, case: dict, guard) -> dict:

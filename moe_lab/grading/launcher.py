@@ -70,8 +70,8 @@ class Handler:
             records = []
             for case in cases:
                 records.append(self.calls.run_case(fn, case, guard))
-                if guard.violation or guard.tamper:
-                    break
+                if guard.violation or guard.tamper or any(k in records[-1] for k in self.calls.FINAL):
+                    break  # the verdict is known: the later cases do not change it
             with guard:
                 buffer = io.BytesIO()
                 torch.save(records, buffer)
