@@ -324,7 +324,7 @@ def graded(tmp_path_factory):
     expected = write(folder / "submissions", corpus(course))
     out, feedback = folder / "grades.csv", folder / "feedback"
     code = grading.main([str(folder / "submissions"), "--out", str(out), "--feedback", str(feedback), "--jobs", "2",
-                         "--seed", str(SEED), "--cell-timeout", "12", "--call-timeout", "15", "--timeout", "120",
+                         "--seed", str(SEED), "--cell-timeout", "30", "--call-timeout", "30", "--timeout", "180",
                          "--memory", str(MEMORY_MB)])
     assert code == 0
     with open(out, newline="", encoding="utf-8") as f:
