@@ -130,14 +130,16 @@ def dispatch_loop(
     (Hugging Face's eager Mixtral loop; the sum is in float32)."""
     check_experts(experts, ffns.num_experts)
     chosen = experts if keep is None else torch.where(keep, experts, ffns.num_experts)  # dropped: no expert
+    dtype = compute_dtype(x)
+    weights = ffns.expert_weights(dtype)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(chosen).tolist():
         if e == ffns.num_experts:
             continue
         token_idx, slot = torch.where(chosen == e)
-        out = ffns.forward_one(e, x[token_idx])
+        out = ffns.mlp(x[token_idx].to(dtype), *weights[e])
         y.index_add_(0, token_idx, out.float() * gates[token_idx, slot, None].float())
-    return y.to(compute_dtype(x))
+    return y.to(dtype)
 
 
 def dispatch_sorted(

@@ -252,12 +252,22 @@ class Experts(nn.Module):
         w3 = None if self.w3 is None else self.w3.to(dtype)
         return self.w1.to(dtype), w3, self.w2.to(dtype)
 
+    def expert_weights(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """``(w1[e], w3[e], w2[e])`` of every expert in ``dtype`` (``w3[e]`` None for GELU), split with one
+        ``unbind`` per weight: backward then builds each weight's gradient once, where indexing ``w1[e]``
+        per expert would build a full-size zero gradient for every expert."""
+        w1, w3, w2 = self._weights(dtype)
+        return list(zip(w1.unbind(0), [None] * self.num_experts if w3 is None else w3.unbind(0), w2.unbind(0)))
+
+    def mlp(self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> torch.Tensor:
+        """One expert with the given weights (see :meth:`expert_weights`). x: ``[n, d_model]`` -> ``[n, d_model]``."""
+        return self._act(x @ w1, None if w3 is None else x @ w3) @ w2
+
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens. x: ``[n, d_model]`` -> ``[n, d_model]``."""
         dtype = compute_dtype(x)
-        x = x.to(dtype)
-        h3 = None if self.w3 is None else x @ self.w3[e].to(dtype)
-        return self._act(x @ self.w1[e].to(dtype), h3) @ self.w2[e].to(dtype)
+        w3 = None if self.w3 is None else self.w3[e].to(dtype)
+        return self.mlp(x.to(dtype), self.w1[e].to(dtype), w3, self.w2[e].to(dtype))
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, *, fused: bool | None = None,
                         scale: torch.Tensor | None = None) -> torch.Tensor:
