@@ -233,16 +233,27 @@ def run_benchmark(cfg: BenchConfig, implementations: tuple[str, ...] = IMPLEMENT
         peak = peak_memory(lambda: fwd_bwd(modules[name]), device)
         rows.append(BenchRow(name, **shape, fwd_ms=round(fwd_s * 1e3, 4), fwd_bwd_ms=round(fwd_bwd_s * 1e3, 4),
                              tokens_per_s=round(cfg.tokens / fwd_bwd_s, 1),
-                             tflops=round(expert_flops(cfg) / fwd_bwd_s / 1e12, 4), peak_mem_bytes=int(peak)))
+                             tflops=float(f"{expert_flops(cfg) / fwd_bwd_s / 1e12:.4g}"), peak_mem_bytes=int(peak)))
     return rows
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_description(device: str) -> str:
-    """The device in words (GPU name, or CPU model and thread count) and the torch version."""
+    """The device in words (GPU name, or CPU model, cores and threads; OpenMP's wait policy) and torch's
+    version."""
     if torch.device(device).type == "cuda":
         what = torch.cuda.get_device_name(torch.device(device))
     else:
-        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        policy = os.environ.get("OMP_WAIT_POLICY", "default")
+        what = (f"{_cpu_model()} CPU ({os.cpu_count()} cores), {torch.get_num_threads()} threads, "
+                f"OMP_WAIT_POLICY={policy}")
     return f"{what}, torch {torch.__version__}"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .core import DTYPES, BenchConfig, build, format_table, machine_description, run_benchmark
+from .core import DTYPES, BenchConfig, _sync, build, format_table, machine_description, run_benchmark
 
 GPU_SIZE = BenchConfig(tokens=16384, d_model=2048, d_ff=1408, experts=64, k=6, device="cuda", dtype="bf16",
                        warmup=3, repeats=15)
@@ -41,35 +41,40 @@ def gemm_tflops(cfg: BenchConfig, repeats: int = 20) -> float:
     """TFLOP/s of one ``[tokens, d_model] @ [d_model, k * d_ff]`` GEMM in the config's dtype (a ceiling)."""
     a = torch.randn(cfg.tokens, cfg.d_model, device=cfg.device, dtype=DTYPES[cfg.dtype])
     b = torch.randn(cfg.d_model, cfg.k * cfg.d_ff, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    device = torch.device(cfg.device)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    torch.cuda.synchronize()
+    _sync(device)
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / (time.perf_counter() - start) / 1e12
 
 
 def profile_sorted(cfg: BenchConfig, steps: int = 3, rows: int = 15) -> str:
-    """The CUDA kernels of ``steps`` forward+backward steps of the ``sorted`` row, by total GPU time."""
+    """The kernels of ``steps`` forward+backward steps of the ``sorted`` row, by total device time."""
     from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(cfg.device)
+    cuda = device.type == "cuda"
 
     layer = build("sorted", cfg)
     x = torch.randn(cfg.tokens, cfg.d_model, device=cfg.device, dtype=DTYPES[cfg.dtype], requires_grad=True)
     for _ in range(2):
         layer(x)[0].float().sum().backward()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(steps):
             layer(x)[0].float().sum().backward()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+        _sync(device)
+    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows, max_name_column_width=60)
 
 
 def run_gpu_suite(out: Path, cfg: BenchConfig = GPU_SIZE) -> int:
-    """Run the tests, the benchmark and the profile on CUDA; write the report into ``out``; -> pytest status."""
-    if not torch.cuda.is_available():
+    """Run the tests, the benchmark and the profile; write the report into ``out``; -> pytest's status."""
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--gpu-suite needs a CUDA GPU (torch.cuda.is_available() is False)")
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[2]
@@ -84,8 +89,8 @@ def run_gpu_suite(out: Path, cfg: BenchConfig = GPU_SIZE) -> int:
     report = "\n\n".join([
         "# moe_lab GPU report",
         f"## Tests (exit status {status})\n\n```\n{test_tail}\n```",
-        f"## Benchmark\n\n```\n{header}\n{table}\n```\n\nOne bf16 GEMM [{cfg.tokens}, {cfg.d_model}] @ "
-        f"[{cfg.d_model}, {cfg.k * cfg.d_ff}]: {ceiling:.1f} TFLOP/s (the ceiling for the TFLOP/s column).",
+        f"## Benchmark\n\n```\n{header}\n{table}\n```\n\nOne {cfg.dtype} GEMM [{cfg.tokens}, {cfg.d_model}] @ "
+        f"[{cfg.d_model}, {cfg.k * cfg.d_ff}]: {ceiling:.3g} TFLOP/s (the ceiling for the TFLOP/s column).",
         f"## Profile of `sorted` (3 steps)\n\n```\n{profile_text}\n```",
     ])
     (out / "gpu_report.md").write_text(report + "\n")
