@@ -1,7 +1,11 @@
-"""Expert FFNs with stacked weights, and the grouped matmul that runs them all at once.
+"""Expert FFNs with stacked weights, and the grouped computation that runs them all at once.
 
 Weights are stacked over experts: ``w1, w3: [E, d_model, d_ff]``, ``w2: [E, d_ff, d_model]``.
 Activations: ``"gelu"``: ``w2(gelu(x w1))``; ``"swiglu"``: ``w2(silu(x w1) * x w3)`` (Mixtral, DeepSeek).
+
+On expert-sorted rows (:meth:`Experts.forward_grouped`) the experts run either as three grouped matmuls
+(:func:`grouped_mm`: ``torch.nn.functional.grouped_mm``, the default on CUDA) or one expert at a time with a
+hand-written backward, the experts shared among the CPU threads (:class:`_ExpertMLP`, the default on CPU).
 """
 from __future__ import annotations
 
@@ -97,7 +101,7 @@ def _groups(counts: list[int]) -> list[Group]:
     return [(e, slice(end - n, end)) for e, (n, end) in enumerate(zip(counts, ends)) if n]
 
 
-def split_groups(groups: list[Group], parts: int) -> list[list[Group]]:
+def _split_groups(groups: list[Group], parts: int) -> list[list[Group]]:
     """Share experts among ``parts`` workers with about equal rows each (largest first, each to the least
     loaded worker; deterministic). Returns the non-empty shares."""
     shares: list[list[Group]] = [[] for _ in range(parts)]
@@ -116,9 +120,10 @@ def _run_shares(work: Callable[[list[Group]], None], groups: list[Group], thread
     and element-wise op over the cores, each split a parallel region whose wake-up (OpenMP passive waiting)
     costs about as much as the op. Shares write disjoint outputs, so results do not depend on timing.
     """
-    shares = split_groups(groups, threads)
-    if len(shares) == 1:
-        work(shares[0])
+    shares = _split_groups(groups, threads)
+    if len(shares) <= 1:
+        for share in shares:
+            work(share)
         return
     errors: list[BaseException] = []
 

@@ -185,6 +185,21 @@ def test_expert_threads_give_bit_identical_results(monkeypatch):
         assert torch.equal(y, runs[0][0]) and all(torch.equal(a, b) for a, b in zip(g, runs[0][1]))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_grouped_on_no_rows(threads):
+    """A rank of expert parallelism may receive no rows at all: empty output, zero weight gradients."""
+    ffns = Experts(3, 8, 12)
+    x = torch.randn(0, 8, requires_grad=True)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ffns.forward_grouped(x, torch.zeros(3, dtype=torch.long), fused=False, scale=torch.ones(0))
+        y.sum().backward()
+    finally:
+        torch.set_num_threads(saved)
+    assert y.shape == (0, 8) and (ffns.w1.grad == 0).all() and (ffns.w2.grad == 0).all()
+
+
 def test_forward_grouped_only_computes_the_gradients_asked_for():
     counts = torch.tensor([3, 4])
     ffns = Experts(2, 8, 12)
@@ -208,13 +223,13 @@ def test_forward_grouped_bf16_agrees_with_float64():
 
 
 def test_split_groups_balances_rows_deterministically():
-    from moe_lab.experts import _groups, split_groups
+    from moe_lab.experts import _groups, _split_groups
 
     groups = _groups([50, 0, 10, 30, 30, 0, 5])
-    shares = split_groups(groups, 2)
+    shares = _split_groups(groups, 2)
     assert sorted(g for share in shares for g in share) == sorted(groups)
     assert [sum(r.stop - r.start for _, r in share) for share in shares] == [65, 60]
-    assert split_groups(groups, 2) == shares and len(split_groups(groups[:1], 4)) == 1
+    assert _split_groups(groups, 2) == shares and len(_split_groups(groups[:1], 4)) == 1
 
 
 def test_an_error_in_an_expert_thread_reaches_the_caller():
