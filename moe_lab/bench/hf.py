@@ -22,6 +22,17 @@ def _transformers():
     return transformers
 
 
+def _experts_interface():
+    """transformers >= 5's registry of experts implementations (None for 4.x or without transformers)."""
+    if _transformers() is None:
+        return None
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return None
+    return ALL_EXPERTS_FUNCTIONS
+
+
 def experts_implementations() -> tuple[str, ...]:
     """The experts implementations the installed ``transformers`` offers for Mixtral (``()`` when absent).
 
@@ -31,11 +42,8 @@ def experts_implementations() -> tuple[str, ...]:
     """
     if _transformers() is None:
         return ()
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except ImportError:
-        return ("eager",)
-    return ("eager", *(name for name in EXPERTS_IMPLEMENTATIONS[1:] if name in ALL_EXPERTS_FUNCTIONS))
+    interface = _experts_interface()
+    return ("eager", *(name for name in EXPERTS_IMPLEMENTATIONS[1:] if interface is not None and name in interface))
 
 
 def unavailable(experts_implementation: str, activation: str = "swiglu") -> str | None:
@@ -81,7 +89,7 @@ def mixtral_block(layer: MoELayer, experts_implementation: str = "eager") -> HFB
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     experts = layer.experts
-    options = {"experts_implementation": experts_implementation} if len(experts_implementations()) > 1 else {}
+    options = {} if _experts_interface() is None else {"experts_implementation": experts_implementation}
     config = transformers.MixtralConfig(hidden_size=layer.d_model, intermediate_size=experts.d_ff,
                                         num_local_experts=layer.num_experts, num_experts_per_tok=layer.k,
                                         router_jitter_noise=0.0, **options)
