@@ -191,3 +191,43 @@ class NoisyTopKRouter(nn.Module):
             noise_std = F.softplus(F.linear(x, self.noise_weight.float()))
         noisy = add_gating_noise(clean, noise_std, generator) if self.training else clean
         return NoisyLogits(clean, noise_std, noisy)
+
+
+GROUP_SCORES = ("max", "top2_sum")
+
+
+def group_limited_topk(scores: torch.Tensor, k: int, *, n_groups: int, topk_groups: int,
+                       group_score: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+    """Device- / node-limited top-k (DeepSeek-V2 / V3): choose ``k`` experts from the best ``topk_groups`` groups.
+
+    scores: ``[T, E]`` float32 selection scores; the ``E`` experts form ``n_groups`` contiguous groups of
+    ``E / n_groups`` (e.g. the experts of one device). Each group is scored per token by its best expert
+    (``"max"``, DeepSeek-V2's device-limited routing) or the sum of its two best (``"top2_sum"``, V3); the
+    experts outside the best ``topk_groups`` groups are masked with ``-inf`` (never 0: a masked expert must
+    lose to any real score, negative ones included), then top-k.
+    Returns ``(values [T, k], experts [T, k] int64)``, largest first.
+    """
+    if scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a float tensor of shape [tokens, num_experts], got {scores.dtype} "
+                         f"of shape {tuple(scores.shape)}")
+    num_experts = scores.shape[1]
+    if not isinstance(n_groups, int) or n_groups < 1 or num_experts % n_groups:
+        raise ValueError(f"n_groups must be a positive divisor of num_experts={num_experts}, got {n_groups!r}")
+    if not isinstance(topk_groups, int) or not 1 <= topk_groups <= n_groups:
+        raise ValueError(f"topk_groups must be an integer with 1 <= topk_groups <= n_groups={n_groups}, "
+                         f"got {topk_groups!r}")
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+    per_group = num_experts // n_groups
+    if group_score == "top2_sum" and per_group < 2:
+        raise ValueError(f"group_score='top2_sum' needs >= 2 experts per group, got {per_group}")
+    check_k(k, topk_groups * per_group)
+    grouped = scores.view(scores.shape[0], n_groups, per_group)
+    if group_score == "max":
+        group_scores = grouped.max(dim=-1).values
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, True)
+    masked = scores.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
+    return masked.topk(k, dim=-1)
