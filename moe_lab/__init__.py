@@ -3,6 +3,7 @@
 One module per concept: ``routing`` (gating), ``losses`` (aux / z / CV² losses), ``metrics`` (load, MaxVio,
 entropy, drops), ``experts`` (stacked expert FFNs, grouped GEMM), ``dispatch`` (capacity; loop / sorted / one-hot),
 ``permute`` (deterministic gather / combine), ``layer`` (``MoELayer``), ``parallel`` (expert parallelism),
+``launch`` (local worker processes), ``timing`` (step timer), ``cost_model`` (bytes, alpha-beta time, memory per rank),
 ``calculator`` (parameters / FLOPs / memory), ``model`` / ``data`` / ``train`` (a small MoE transformer),
 ``balancing`` (the collapse experiment), ``widgets`` (notebook dashboards), ``checks`` (graded exercises),
 ``course`` (build tools), ``grading`` (``moe-lab grade``), ``bench`` (``python -m moe_lab.bench``).

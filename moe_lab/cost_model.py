@@ -105,13 +105,13 @@ class Link:
 
 
 LINKS = {
-    "nvlink_deepep": Link("NVLink, H800 node (DeepEP EP8 dispatch)", 153e9,
+    "nvlink_deepep": Link("NVLink, DeepEP EP8 (H800)", 153e9,
                           "DeepEP README: intranode EP8 dispatch 153 GB/s, combine 158 GB/s (H800, 4096 tokens, "
                           "hidden 7168, top-8)"),
-    "rdma_deepep_high": Link("RDMA between nodes (DeepEP, high end)", 58e9, "DeepEP README: internode 43-58 GB/s"),
-    "rdma_deepep_low": Link("RDMA between nodes (DeepEP, low end)", 43e9, "DeepEP README: internode 43-58 GB/s"),
-    "ethernet_100g": Link("100 Gb/s Ethernet (line rate)", 12.5e9, "nominal: 100 Gb/s / 8 bits, no overhead"),
-    "ethernet_10g": Link("10 Gb/s Ethernet (line rate)", 1.25e9, "nominal: 10 Gb/s / 8 bits, no overhead"),
+    "rdma_deepep_high": Link("RDMA, DeepEP high (H800)", 58e9, "DeepEP README: internode 43-58 GB/s"),
+    "rdma_deepep_low": Link("RDMA, DeepEP low (H800)", 43e9, "DeepEP README: internode 43-58 GB/s"),
+    "ethernet_100g": Link("100 GbE line rate", 12.5e9, "nominal: 100 Gb/s / 8 bits, no overhead"),
+    "ethernet_10g": Link("10 GbE line rate", 1.25e9, "nominal: 10 Gb/s / 8 bits, no overhead"),
 }
 """Published (DeepEP, measured effective bandwidth) and nominal (Ethernet line rate) figures."""
 

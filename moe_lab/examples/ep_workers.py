@@ -59,22 +59,26 @@ def forward_backward(sizes: list[int], d_model: int, d_ff: int, num_experts: int
 
 
 def timed_steps(tokens: int, d_model: int, d_ff: int, num_experts: int, k: int, steps: int = 6,
-                skew: float = 0.0, seed: int = 0) -> dict:
+                skews: tuple[float, ...] = (0.0,), seed: int = 0) -> list[dict]:
     """Time ``steps`` training steps (forward, backward, data-parallel all-reduce of the router gradient) of
-    ``tokens`` tokens per rank with a :class:`~moe_lab.timing.StepTimer`; the first step is warm-up.
+    ``tokens`` tokens per rank with a :class:`~moe_lab.timing.StepTimer`, for a layer per router ``skew`` (see
+    :func:`setup`). The layers take turns step by step, so a change of machine load hits them alike; the first
+    step of each is warm-up.
 
-    Returns this rank's median seconds per region, every step's ``"step"`` time, and the slots its experts
-    received."""
+    Returns, per skew, this rank's median seconds per region, every step's ``"step"`` time and the slots its
+    experts received."""
     world = dist.get_world_size()
     sizes = [tokens] * world
-    layer, x, weights = setup(sizes, d_model, d_ff, num_experts, k, seed, skew=skew)
-    ep = ExpertParallelMoELayer.from_layer(layer)
     mine = _my_slice(sizes)
-    x_local, w_local = x[mine].requires_grad_(True), weights[mine]  # inside a model x needs a gradient too
-    timer = StepTimer()
-    with timer.time_module(ep.router, "router"):
-        for _ in range(steps):
-            with timer.step():
+    runs = []
+    for skew in skews:
+        layer, x, weights = setup(sizes, d_model, d_ff, num_experts, k, seed, skew=skew)
+        # inside a model the layer's input needs a gradient too
+        runs.append((ExpertParallelMoELayer.from_layer(layer), x[mine].requires_grad_(True), weights[mine],
+                     StepTimer()))
+    for _ in range(steps):
+        for ep, x_local, w_local, timer in runs:
+            with timer.time_module(ep.router, "router"), timer.step():
                 with timer.region("forward"):
                     y, _ = ep(x_local)
                 with timer.region("backward"):
@@ -82,8 +86,8 @@ def timed_steps(tokens: int, d_model: int, d_ff: int, num_experts: int, k: int, 
                 with timer.region("gradient all-reduce"):
                     allreduce_replicated_grads(ep)
             ep.zero_grad(set_to_none=True)
-    return {"median": timer.summary(skip=1), "step_times": [s.seconds["step"] for s in timer.steps[1:]],
-            "received": ep.last_comm.rows_received}
+    return [{"median": timer.summary(skip=1), "step_times": [s.seconds["step"] for s in timer.steps[1:]],
+             "received": ep.last_comm.rows_received} for ep, _, _, timer in runs]
 
 
 def all_to_all_sweep(sizes_bytes: list[int], repeats: int = 9) -> list[float]:
