@@ -289,6 +289,20 @@ PUBLISHED: dict[str, tuple[float, float, str]] = {
 }
 """Published ``(total, active, source)`` parameter counts."""
 
+PUBLISHED_ROUTING: dict[str, dict] = {
+    "deepseek_moe_16b": dict(score_func="softmax", renormalize=False, n_groups=1, topk_groups=1,
+                             routed_scaling_factor=1.0),
+    "deepseek_v2": dict(score_func="softmax", renormalize=False, n_groups=8, topk_groups=3, group_score="max",
+                        routed_scaling_factor=16.0),
+    "deepseek_v3": dict(score_func="sigmoid", renormalize=True, selection_bias=True,
+                        n_groups=8, topk_groups=4, group_score="top2_sum", routed_scaling_factor=2.5),
+}
+"""How the DeepSeek presets route, as :class:`moe_lab.config.MoEOptions` fields (DeepSeek-V3 repository,
+``inference/model.py`` and its configs; the papers: V2 device-limited routing with D = 8, M = 3; V3
+node-limited routing with 8 groups, 4 kept, bias-corrected sigmoid scores). The toy presets
+``moe_lab.model.toy_config("deepseek_v1" / "_v2" / "_v3")`` follow them, except V2's scaling factor 16
+(toy: 1, like V1)."""
+
 
 def dense_counterpart(arch: Arch) -> Arch:
     """The same model with every FFN dense (width ``d_ff``, or ``d_expert`` when ``d_ff`` is 0)."""

@@ -71,15 +71,18 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *, fused:
 
 
 class Experts(nn.Module):
-    """``E`` expert FFNs stored as stacked weight tensors (no biases)."""
+    """``E`` expert FFNs stored as stacked weight tensors (no biases). ``dropout``: probability of dropping a
+    hidden activation in training mode (Switch's expert dropout; 0 = off)."""
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: Activation = "swiglu"):
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: Activation = "swiglu", *,
+                 dropout: float = 0.0):
         super().__init__()
         _check_activation(activation)
         for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.num_experts, self.d_model, self.d_ff, self.activation = num_experts, d_model, d_ff, activation
+        self.dropout = dropout
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
@@ -93,7 +96,8 @@ class Experts(nn.Module):
                 nn.init.uniform_(w, -bound, bound)
 
     def _act(self, h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
-        return F.silu(h1) * h3 if self.activation == "swiglu" else F.gelu(h1)
+        h = F.silu(h1) * h3 if self.activation == "swiglu" else F.gelu(h1)
+        return F.dropout(h, self.dropout, training=True) if self.dropout and self.training else h
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         w3 = None if self.w3 is None else self.w3.to(dtype)

@@ -1,116 +1,167 @@
-"""``MoELayer``: router -> top-k gating -> (capacity) -> dispatch to experts -> combine, plus routing statistics."""
+"""``MoELayer``: router -> gating -> (capacity) -> dispatch to experts -> combine, plus always-on shared experts
+and routing statistics. Its options live in a validated :class:`moe_lab.config.MoEConfig`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
 
-from .dispatch import DISPATCH, DROP_POLICIES, DropPolicy, capacity_mask, expert_capacity
-from .experts import Activation, Experts
-from .losses import importance_loss, load_loss, router_z_loss, switch_aux_loss
+from .config import STRUCTURAL, MoEConfig, MoEOptions
+from .dispatch import DISPATCH, capacity_mask, expert_capacity
+from .experts import FFN, Experts
+from .losses import (communication_balance_loss, device_balance_loss, importance_loss, load_loss, router_z_loss,
+                     sequence_balance_loss, switch_aux_loss)
 from .metrics import drop_rate, tokens_per_expert
-from .routing import NoisyTopKRouter, Router, SoftmaxOrder, check_k, dense_gates, multiplicative_jitter, softmax_topk
-
-ROUTERS = ("softmax", "noisy_topk")
+from .routing import (NoisyTopKRouter, Router, dense_gates, multiplicative_jitter, normalized_scores, sigmoid_topk,
+                      softmax_topk)
 
 
 @dataclass
 class RoutingInfo:
     """What the router decided for one forward pass (``T`` tokens, ``E`` experts, ``k`` per token).
 
-    logits: ``[T, E]`` float32 logits the gating used (noisy in training with ``router="noisy_topk"``).
-    probs: ``[T, E]`` softmax of ``logits`` over all experts.
-    experts: ``[T, k]`` selected experts.  gates: ``[T, k]`` their weights.
+    logits: ``[T, E]`` logits the gating used (noisy in training with ``router="noisy_topk"``), in the
+        router dtype (float32 by default).
+    scores: ``[T, E]`` gating scores: the softmax probabilities, or DeepSeek-V3's unbiased ``sigmoid(logits)``.
+    probs: ``[T, E]`` the scores normalised over all experts (the softmax itself; ``s'`` for sigmoid): the
+        ``P_i`` of every balance loss.
+    experts: ``[T, k]`` selected experts (selected with the selection bias, if any).  gates: ``[T, k]`` their
+        weights (from the unbiased scores, times ``routed_scaling_factor``).
     tokens_per_expert: ``[E]`` token-slots routed to each expert (before capacity dropping).
-    aux_loss: Switch load-balancing loss ``N * sum_i f_i P_i`` (unweighted; 1 when uniform).
-    z_loss: router z-loss ``mean logsumexp(logits)^2`` (unweighted).
+    aux_loss: Switch load-balancing loss ``N * sum_i f_i P_i`` (= DeepSeek-V2's expert-level loss; unweighted,
+        1 when uniform).  z_loss: router z-loss ``mean logsumexp(logits)^2`` (unweighted).
+    seq_aux_loss: DeepSeek-V3's sequence-wise balance loss over the sequences of ``x`` (``[B, L, d]``: B
+        sequences of L tokens; ``[T, d]``: one sequence), see :func:`moe_lab.losses.sequence_balance_loss`.
+    device_aux_loss, comm_aux_loss: DeepSeek-V2's device-level and communication balance losses with the
+        ``n_groups`` expert groups as devices and ``M = topk_groups`` (constant 1 with one group).
     dropped: ``[T, k]`` bool, slots dropped by expert capacity (all False when dropless).
     drop_rate: fraction of slots dropped.  capacity: slots per expert (None when dropless).
     importance_loss: Shazeer's ``CV(sum_t G(x_t))^2`` (unweighted).
+    batch_shape: the leading shape of ``x`` (``x.shape[:-1]``), to view ``[T, ...]`` fields per sequence.
     clean_logits, noise_std: ``[T, E]`` ``x W_g`` and ``softplus(x W_noise)`` (noisy router only, else None).
     load_loss: Shazeer's smooth ``CV(Load)^2`` (noisy router only, else None).
     """
 
     logits: torch.Tensor
+    scores: torch.Tensor
     probs: torch.Tensor
     experts: torch.Tensor
     gates: torch.Tensor
     tokens_per_expert: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    seq_aux_loss: torch.Tensor
+    device_aux_loss: torch.Tensor
+    comm_aux_loss: torch.Tensor
     dropped: torch.Tensor
     drop_rate: float
     capacity: int | None
     importance_loss: torch.Tensor
+    batch_shape: tuple[int, ...]
     clean_logits: torch.Tensor | None = None
     noise_std: torch.Tensor | None = None
     load_loss: torch.Tensor | None = None
 
 
+def _option(name: str, settable: bool = True) -> property:
+    """A layer attribute that reads ``layer.config.<name>`` and, if settable, changes it via ``configure``."""
+
+    def get(self: "MoELayer"):
+        return getattr(self.config, name)
+
+    def set_(self: "MoELayer", value) -> None:
+        self.configure(**{name: value})
+
+    return property(get, set_ if settable else None, doc=f"``config.{name}``")
+
+
 class MoELayer(nn.Module):
-    """A token-choice Mixture-of-Experts FFN layer.
+    """A token-choice Mixture-of-Experts FFN layer, from Mixtral's block to a DeepSeek-V3 MoE block.
 
-    Args:
-        d_model: model width.  d_ff: hidden width of each expert.  num_experts: ``E``.  k: experts per token.
-        activation: ``"swiglu"`` or ``"gelu"`` experts.
-        softmax_order, renormalize: gating variant, see :func:`moe_lab.routing.softmax_topk`.
-        dispatch: ``"sorted"`` (fast, default), ``"loop"`` (reference) or ``"onehot"`` (GShard einsum).
-        router: ``"softmax"`` (linear router) or ``"noisy_topk"`` (Shazeer et al. 2017; noise in training only).
-        jitter_eps: Switch multiplicative jitter ``U(1-eps, 1+eps)`` on the router input in training (0 = off).
-        capacity_factor: ``None`` (dropless, default) or ``> 0``: each expert takes at most
-            :func:`moe_lab.dispatch.expert_capacity` ``(T, E, capacity_factor, k)`` slots per forward pass.
-        drop_policy: which slots win when an expert overflows: ``"position"`` (Switch: first choices in
-            token order, then second choices) or ``"probability"`` (highest router probability first).
+    ``MoELayer(d_model, d_ff, num_experts, k, **options)`` with ``d_ff`` the width of each routed expert and
+    ``options`` any :class:`moe_lab.config.MoEOptions` field (gating and score function, selection bias and its
+    update rate, group-limited routing, routed scaling, shared experts, router dtype, jitter, capacity factor
+    in training and eval, drop policy, dispatch, expert dropout); or ``MoELayer.from_config(config)``.
+    The validated config is ``layer.config``; change options that do not add or remove weights with
+    :meth:`configure` (or by setting ``layer.capacity_factor`` etc.).
 
-    ``forward(x)`` takes ``x: [..., d_model]`` and returns ``(y, info)`` with ``y`` shaped like ``x`` and
-    ``info`` a :class:`RoutingInfo` over the flattened ``T`` tokens. Dropped slots add exactly zero to ``y``:
-    wrap the layer in a residual connection so dropped tokens pass through unchanged.
-    The defaults (softmax over all experts in float32, top-k, renormalise, SwiGLU) are Mixtral's block.
+    ``forward(x)`` takes ``x: [..., d_model]`` (``[B, L, d_model]`` keeps the sequences for the sequence-wise
+    loss) and returns ``(y, info)`` with ``y`` shaped like ``x``: the gate-weighted routed experts plus the
+    ``n_shared`` shared experts (one FFN of width ``n_shared * d_shared``, which equals the sum of the
+    ``n_shared`` experts), and ``info`` a :class:`RoutingInfo` over the flattened ``T`` tokens. Dropped slots
+    add exactly zero to ``y``: wrap the layer in a residual connection so dropped tokens pass through.
+
+    Buffers: with ``selection_bias``, ``expert_bias: [E]`` float32 (saved in ``state_dict``; ``.to(dtype)``
+    and ``.half()`` move it but keep it float32; autocast never touches it) and ``load_counts: [E]`` int64
+    (not saved), the token-slots routed per expert by training forward passes with gradients enabled since
+    the last bias update (all micro-batches of a step; an activation-checkpointed layer, whose forward runs
+    twice, counts twice). :class:`moe_lab.bias_balancing.BiasBalancer` reads and resets it after each
+    optimiser step. Without ``selection_bias`` both are None.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int,
-        k: int = 2,
-        *,
-        activation: Activation = "swiglu",
-        softmax_order: SoftmaxOrder = "before_topk",
-        renormalize: bool = True,
-        dispatch: str = "sorted",
-        router: str = "softmax",
-        jitter_eps: float = 0.0,
-        capacity_factor: float | None = None,
-        drop_policy: DropPolicy = "position",
-    ):
+    d_model = _option("d_model", settable=False)
+    num_experts = _option("num_experts", settable=False)
+    router_type = _option("router", settable=False)
+    k = _option("k")
+    softmax_order = _option("softmax_order")
+    renormalize = _option("renormalize")
+    dispatch = _option("dispatch")
+    jitter_eps = _option("jitter_eps")
+    capacity_factor = _option("capacity_factor")
+    drop_policy = _option("drop_policy")
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, **options):
         super().__init__()
-        check_k(k, num_experts)
-        if dispatch not in DISPATCH:
-            raise ValueError(f"dispatch must be one of {tuple(DISPATCH)}, got {dispatch!r}")
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-        if capacity_factor is not None:
-            expert_capacity(1, num_experts, capacity_factor, k)  # validates capacity_factor
-        multiplicative_jitter(torch.zeros(0), jitter_eps)  # validates jitter_eps
-        softmax_topk(torch.zeros(1, num_experts), k, softmax_order=softmax_order, renormalize=renormalize)
-        self.d_model, self.num_experts, self.k = d_model, num_experts, k
-        self.softmax_order, self.renormalize, self.dispatch = softmax_order, renormalize, dispatch
-        self.router_type, self.jitter_eps = router, jitter_eps
-        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
-        self.router = Router(d_model, num_experts) if router == "softmax" else NoisyTopKRouter(d_model, num_experts)
-        self.experts = Experts(self._num_local_experts(num_experts), d_model, d_ff, activation)
+        self.config = c = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, k=k, **options)
+        self.router = Router(d_model, num_experts) if c.router == "softmax" else NoisyTopKRouter(d_model, num_experts)
+        self.experts = Experts(self._num_local_experts(num_experts), d_model, d_ff, c.activation,
+                               dropout=c.expert_dropout)
+        self.shared = FFN(d_model, c.n_shared * c.d_shared_each, c.activation) if c.n_shared else None
+        bias = torch.zeros(num_experts, dtype=torch.float32) if c.selection_bias else None
+        self.register_buffer("expert_bias", bias)
+        self.register_buffer("load_counts", None if bias is None else torch.zeros(num_experts, dtype=torch.int64),
+                             persistent=False)
+
+    @classmethod
+    def from_config(cls, config: MoEConfig, **extra) -> "MoELayer":
+        """The layer described by ``config`` (``extra``: constructor arguments of a subclass, e.g. ``group``)."""
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"config must be a moe_lab.config.MoEConfig, got {type(config).__name__}")
+        return cls(config.d_model, config.d_ff, config.num_experts, config.k, **config.options(), **extra)
+
+    def configure(self, **changes) -> None:
+        """Change options in place, validated (e.g. ``layer.configure(eval_capacity_factor=2.0, k=3)``).
+        Options that decide the layer's weights and buffers (:data:`moe_lab.config.STRUCTURAL`) cannot change:
+        build a new layer for those."""
+        fixed = sorted(set(changes) & set(STRUCTURAL))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change on a built layer (they decide its weights); "
+                             "build a new MoELayer instead")
+        self.config = replace(self.config, **changes)
+        self.experts.dropout = self.config.expert_dropout
+
+    @property
+    def current_capacity_factor(self) -> float | None:
+        """The capacity factor in force: ``capacity_factor`` in training, ``eval_capacity_factor`` in eval."""
+        return self.config.capacity_factor if self.training else self.config.capacity_factor_eval
 
     def _num_local_experts(self, num_experts: int) -> int:
         """How many experts this process holds (all; expert parallelism holds a shard)."""
         return num_experts
 
+    def _apply(self, fn, recurse: bool = True):
+        # ``.to(dtype)`` / ``.half()`` cast floating buffers; the selection bias must stay float32 (in bf16 its
+        # small updates round away, Megatron-LM #1482), so it only follows the device.
+        bias = self.expert_bias
+        out = super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != torch.float32:
+            self._buffers["expert_bias"] = bias.to(self.expert_bias.device)
+        return out
+
     def _capacity_keep(self, experts: torch.Tensor, chosen_probs: torch.Tensor) -> tuple[int, torch.Tensor]:
         """Capacity and ``keep: [T, k]`` for this batch; ``chosen_probs: [T, k]`` ranks slots for the policy."""
-        capacity = expert_capacity(experts.shape[0], self.num_experts, self.capacity_factor, self.k)
+        capacity = expert_capacity(experts.shape[0], self.num_experts, self.current_capacity_factor, self.k)
         return capacity, capacity_mask(experts, self.num_experts, capacity, chosen_probs, self.drop_policy)
 
     def _run_experts(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
@@ -119,53 +170,76 @@ class MoELayer(nn.Module):
         extra = {"capacity": capacity} if self.dispatch == "onehot" else {}
         return DISPATCH[self.dispatch](tokens, experts, gates, self.experts, keep, **extra)
 
+    def _gate(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[T, E]`` logits -> ``(scores, probs, gates, experts)`` (see :class:`RoutingInfo`)."""
+        c = self.config
+        common = dict(bias=self.expert_bias, n_groups=c.n_groups, topk_groups=c.topk_groups,
+                      group_score=c.group_score, routed_scaling_factor=c.routed_scaling_factor, dtype=c.router_dtype)
+        if c.score_func == "softmax":
+            probs, gates, experts = softmax_topk(logits, c.k, softmax_order=c.softmax_order,
+                                                 renormalize=c.renormalize, **common)
+            return probs, probs, gates, experts
+        scores, gates, experts = sigmoid_topk(logits, c.k, renormalize=c.renormalize, **common)
+        return scores, normalized_scores(scores), gates, experts
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        c = self.config
+        if x.shape[-1] != c.d_model:
+            raise ValueError(f"x must have last dimension d_model={c.d_model}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.numel() == 0:
             raise ValueError(f"x must contain at least one token, got shape {tuple(x.shape)}")
-        tokens = x.reshape(-1, self.d_model)
-        router_in = multiplicative_jitter(tokens, self.jitter_eps) if self.training else tokens
+        tokens = x.reshape(-1, c.d_model)
+        router_in = multiplicative_jitter(tokens, c.jitter_eps) if self.training else tokens
         clean = noise_std = None
-        if self.router_type == "noisy_topk":
+        if c.router == "noisy_topk":
             clean, noise_std, logits = self.router(router_in)
         else:
-            logits = self.router(router_in)
-        probs, gates, experts = softmax_topk(
-            logits, self.k, softmax_order=self.softmax_order, renormalize=self.renormalize
-        )
+            logits = self.router(router_in, c.router_dtype)
+        scores, probs, gates, experts = self._gate(logits)
+        counts = tokens_per_expert(experts, c.num_experts)
+        if self.load_counts is not None and self.training and torch.is_grad_enabled():
+            self.load_counts += counts
         capacity = keep = None
-        if self.capacity_factor is not None:
-            capacity, keep = self._capacity_keep(experts, probs.gather(1, experts))
+        if self.current_capacity_factor is not None:
+            capacity, keep = self._capacity_keep(experts, scores.gather(1, experts))
         y = self._run_experts(tokens, experts, gates, keep, capacity)
+        if self.shared is not None:
+            y = y + self.shared(tokens)
         dropped = torch.zeros_like(experts, dtype=torch.bool) if keep is None else ~keep
+        lead = tuple(x.shape[:-1])
+        seq_len = lead[-1] if len(lead) >= 2 else tokens.shape[0]
         info = RoutingInfo(
             logits=logits,
+            scores=scores,
             probs=probs,
             experts=experts,
             gates=gates,
-            tokens_per_expert=tokens_per_expert(experts, self.num_experts),
+            tokens_per_expert=counts,
             aux_loss=switch_aux_loss(probs, experts),
             z_loss=router_z_loss(logits),
+            seq_aux_loss=sequence_balance_loss(probs.view(-1, seq_len, c.num_experts), experts.view(-1, seq_len, c.k)),
+            device_aux_loss=device_balance_loss(probs, experts, c.n_groups),
+            comm_aux_loss=communication_balance_loss(probs, experts, c.n_groups, c.topk_groups),
             dropped=dropped,
             drop_rate=0.0 if keep is None else drop_rate(dropped),  # no GPU sync when dropless
             capacity=capacity,
-            importance_loss=importance_loss(dense_gates(gates, experts, self.num_experts)),
+            importance_loss=importance_loss(dense_gates(gates, experts, c.num_experts)),
+            batch_shape=lead,
             clean_logits=clean,
             noise_std=noise_std,
-            load_loss=None if clean is None else load_loss(clean, logits, noise_std, self.k),
+            load_loss=None if clean is None else load_loss(clean, logits, noise_std, c.k),
         )
-        return y.reshape(*x.shape[:-1], self.d_model), info
+        return y.reshape(*x.shape[:-1], c.d_model), info
 
     def extra_repr(self) -> str:
-        text = (
-            f"k={self.k}, softmax_order={self.softmax_order!r}, renormalize={self.renormalize}, "
-            f"dispatch={self.dispatch!r}, router={self.router_type!r}"
-        )
-        if self.jitter_eps:
-            text += f", jitter_eps={self.jitter_eps}"
-        if self.capacity_factor is not None:
-            text += f", capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}"
+        c, default = self.config, MoEOptions()
+        text = (f"k={c.k}, softmax_order={c.softmax_order!r}, renormalize={c.renormalize}, "
+                f"dispatch={c.dispatch!r}, router={c.router!r}")
+        shown = {"softmax_order", "renormalize", "dispatch", "router", "activation"}  # activation: see experts
+        for f in fields(MoEOptions):
+            value = getattr(c, f.name)
+            if f.name not in shown and value != getattr(default, f.name):
+                text += f", {f.name}={value!r}"
         return text

@@ -4,15 +4,21 @@
   of noisy top-k gating, where ``CV^2 = variance / mean^2`` over experts (population variance).
 - Switch Transformer (Fedus et al. 2021): ``N * sum_i f_i * P_i``.
 - ST-MoE (Zoph et al. 2022): router z-loss ``mean_t logsumexp(logits_t)^2``.
+- DeepSeek-V2 (2024, Sec. 2.2.3): expert-level (= Switch), device-level and communication balance losses.
+- DeepSeek-V3 (2024, Sec. 2.1.2): the complementary sequence-wise balance loss.
+- Wang et al. 2024 (auxiliary-loss-free balancing; DeepSeek-V3 Sec. 2.1.2): the selection-bias update
+  :func:`bias_update`, which is not a loss but replaces one.
 
 Shapes: ``T`` tokens, ``E`` experts, ``k`` experts per token. All losses are float32 scalars returned
 without their coefficient (multiply by ``w`` / ``alpha`` / ``c_z`` in the training loss).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .metrics import tokens_per_expert
+from .metrics import expert_groups, tokens_per_expert
 from .routing import check_k
 
 
@@ -79,7 +85,8 @@ def switch_aux_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 
     ``f_i`` is the fraction of token-slots dispatched to expert ``i`` (counts, not differentiable) and
     ``P_i`` the mean full-softmax probability of expert ``i`` (differentiable). Equals 1 at perfectly
-    uniform routing; multiply by alpha (Switch: 1e-2) in the training loss.
+    uniform routing; multiply by alpha (Switch: 1e-2) in the training loss. It is also DeepSeek-V2's
+    expert-level balance loss ``sum_i f_i P_i`` with ``f_i = N / (K T) * count_i`` (alpha_1 = 0.003).
 
     Args:
         probs: ``[T, E]`` softmax over all experts (not the renormalised top-k gates).
@@ -101,3 +108,109 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
         logits: ``[T, E]`` router logits.
     """
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def _check_probs_experts(probs: torch.Tensor, experts: torch.Tensor, dims: int, what: str) -> None:
+    if (probs.dim() != dims or experts.dim() != dims or probs.shape[:-1] != experts.shape[:-1]
+            or probs.shape[-2] == 0):
+        raise ValueError(f"probs must be {what}E] and experts {what}k] with the same leading sizes (>= 1 token), "
+                         f"got shapes {tuple(probs.shape)} and {tuple(experts.shape)}")
+
+
+def sequence_balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 complementary sequence-wise balance loss (Sec. 2.1.2), without its coefficient alpha.
+
+    For each sequence of ``T`` tokens: ``f_i = N / (K T) * sum_t 1[i in TopK(t)]`` and ``P_i = mean_t s'_{t,i}``,
+    with ``s'`` the gating scores normalised over all experts per token
+    (:func:`moe_lab.routing.normalized_scores`; the softmax probabilities for softmax gating);
+    ``L = sum_i f_i P_i``. Returns the mean of ``L`` over the sequences: 1 when every sequence is balanced.
+    V3 multiplies it by a tiny alpha (1e-4): it only stops single sequences from going extremely unbalanced.
+
+    Args:
+        probs: ``[B, T, E]`` normalised scores ``s'``.  experts: ``[B, T, k]`` selected experts.
+    """
+    _check_probs_experts(probs, experts, 3, "[B, T, ")
+    batch, seq_len, num_experts = probs.shape
+    k = experts.shape[-1]
+    flat = experts.reshape(batch, -1).long()
+    ones = torch.ones(flat.shape, device=probs.device)
+    counts = torch.zeros(batch, num_experts, device=probs.device).scatter_add_(1, flat, ones)  # [B, E]
+    f = counts * (num_experts / (k * seq_len))
+    p = probs.float().mean(dim=1)
+    return (f * p).sum(dim=-1).mean()
+
+
+def device_balance_loss(probs: torch.Tensor, experts: torch.Tensor, n_devices: int) -> torch.Tensor:
+    """DeepSeek-V2 device-level balance loss (Sec. 2.2.3), without its coefficient alpha_2 (0.05).
+
+    The ``N`` routed experts are split into ``D = n_devices`` contiguous groups ``E_1 .. E_D``;
+    ``f'_i = (1 / |E_i|) sum_{j in E_i} f_j`` and ``P'_i = sum_{j in E_i} P_j`` with the expert-level
+    ``f_j = N / (K T) * (tokens selecting j)`` and ``P_j = mean_t s_{t,j}``; ``L = sum_i f'_i P'_i``
+    (1 when balanced). It balances the computation per device, not per expert.
+
+    Args:
+        probs: ``[T, E]`` gating scores normalised over all experts.  experts: ``[T, k]``.
+        n_devices: ``D``, dividing ``E``.
+    """
+    _check_probs_experts(probs, experts, 2, "[T, ")
+    num_tokens, num_experts = probs.shape
+    group = expert_groups(num_experts, n_devices, probs.device)
+    f = tokens_per_expert(experts, num_experts).float() * (num_experts / (experts.shape[-1] * num_tokens))
+    p = probs.float().mean(dim=0)
+    f_dev = torch.zeros(n_devices, device=probs.device).index_add_(0, group, f) / (num_experts // n_devices)
+    p_dev = torch.zeros(n_devices, device=probs.device).index_add_(0, group, p)
+    return (f_dev * p_dev).sum()
+
+
+def communication_balance_loss(probs: torch.Tensor, experts: torch.Tensor, n_devices: int,
+                               max_devices: int) -> torch.Tensor:
+    """DeepSeek-V2 communication balance loss (Sec. 2.2.3), without its coefficient alpha_3 (0.02).
+
+    ``f''_i = D / (M T) * sum_t 1[token t is sent to device i]`` and ``P''_i = sum_{j in E_i} P_j``;
+    ``L = sum_i f''_i P''_i``, with ``D = n_devices`` contiguous expert groups and ``M = max_devices`` the
+    device limit of the routing (1 when every device receives the same number of tokens, ``M T / D``).
+    It balances what each device *receives*, which device-limited routing alone does not.
+
+    Args:
+        probs: ``[T, E]`` gating scores normalised over all experts.  experts: ``[T, k]``.
+        n_devices: ``D``, dividing ``E``.  max_devices: ``M`` (the layer's ``topk_groups``), ``1 <= M <= D``.
+    """
+    _check_probs_experts(probs, experts, 2, "[T, ")
+    if not isinstance(max_devices, int) or isinstance(max_devices, bool) or not 1 <= max_devices <= n_devices:
+        raise ValueError(f"max_devices must be an integer with 1 <= max_devices <= n_devices={n_devices}, "
+                         f"got {max_devices!r}")
+    num_tokens, num_experts = probs.shape
+    group = expert_groups(num_experts, n_devices, probs.device)
+    sent = torch.zeros(num_tokens, n_devices, dtype=torch.bool, device=probs.device)
+    sent = sent.scatter(1, group[experts.long()], True).float().sum(dim=0)  # [D] tokens each device receives
+    f = sent * (n_devices / (max_devices * num_tokens))
+    p_dev = torch.zeros(n_devices, device=probs.device).index_add_(0, group, probs.float().mean(dim=0))
+    return (f * p_dev).sum()
+
+
+def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float, *, centered: bool = False) -> torch.Tensor:
+    """One auxiliary-loss-free balancing step (Wang et al. 2024; DeepSeek-V3 Sec. 2.1.2):
+    ``b_i + rate * sign(mean load - load_i)``: an overloaded expert's bias goes down by ``rate``, an underloaded
+    one's up, an expert exactly at the mean keeps it.
+
+    ``centered=True`` subtracts the mean of the update (torchtitan), so the biases keep summing to what they
+    summed to: only differences between biases matter for top-k selection, and centring keeps them from all
+    drifting (which would move sigmoid scores + bias away from the scores' own scale); without it (the
+    papers, Megatron-Core) the sum drifts when more experts are under- than overloaded.
+
+    Args:
+        bias: ``[E]`` selection bias (float32).  load: ``[E]`` token-slots per expert over one optimiser step.
+        rate: ``gamma >= 0`` (V3 and Wang et al.: 1e-3).
+    Returns:
+        the new ``[E]`` float32 bias (``bias`` is not modified).
+    """
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < math.inf:
+        raise ValueError(f"rate (gamma, bias_update_rate) must be a finite number >= 0, got {rate!r}")
+    if bias.dim() != 1 or load.shape != bias.shape:
+        raise ValueError(f"bias and load must both have shape [num_experts], got {tuple(bias.shape)} and "
+                         f"{tuple(load.shape)}")
+    load = load.float()
+    delta = rate * torch.sign(load.mean() - load)
+    if centered:
+        delta = delta - delta.mean()
+    return bias.float() + delta

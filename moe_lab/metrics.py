@@ -24,6 +24,34 @@ def max_violation(load: torch.Tensor) -> float:
     return float((load.max() - mean) / mean)
 
 
+def max_violation_tensor(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio of every row of ``load: [..., E]`` -> float32 ``[...]`` (e.g. ``[steps, layers]`` of a training run:
+    Wang et al.'s MaxVio_batch per step). Rows with no routed token give NaN."""
+    load = load.float()
+    mean = load.mean(dim=-1)
+    return (load.amax(dim=-1) - mean) / mean
+
+
+def expert_groups(num_experts: int, n_groups: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[E]`` int64 group (device) of each expert: ``n_groups`` contiguous groups of ``E / n_groups``."""
+    if not isinstance(n_groups, int) or isinstance(n_groups, bool) or n_groups < 1 or num_experts % n_groups:
+        raise ValueError(f"n_groups must be an integer >= 1 dividing num_experts={num_experts}, got {n_groups!r}")
+    return torch.arange(num_experts, device=device) // (num_experts // n_groups)
+
+
+def devices_per_token(experts: torch.Tensor, num_experts: int, n_devices: int) -> torch.Tensor:
+    """How many distinct devices each token's experts live on, with the experts split into ``n_devices``
+    contiguous groups (expert parallelism; DeepSeek-V2's device-limited routing bounds it by M).
+
+    experts: ``[T, k]`` -> ``[T]`` int64 in ``1 .. min(k, n_devices)``. A token is sent to each of these
+    devices once, so its dispatch all-to-all moves ``devices * d_model`` values instead of ``k * d_model``
+    when the copies for one device are deduplicated (DeepSeek-V2/V3 do).
+    """
+    device = expert_groups(num_experts, n_devices, experts.device)[experts.long()]  # [T, k]
+    hit = torch.zeros(experts.shape[0], n_devices, dtype=torch.bool, device=experts.device)
+    return hit.scatter(1, device, True).sum(dim=-1)
+
+
 def routing_entropy(probs: torch.Tensor) -> float:
     """Mean over tokens of the router distribution's entropy, in nats (max ``log E``: uniform router).
 

@@ -2,8 +2,8 @@
 
 Pre-norm blocks: ``x + attn(rmsnorm(x))`` then ``x + ffn(rmsnorm(x))``; grouped-query attention with RoPE
 (no position parameters); the FFN of layer ``i`` is an :class:`moe_lab.MoELayer` when
-``config.moe_layers[i]`` (plus an always-on shared FFN for DeepSeek-style shared experts), else a dense
-:class:`moe_lab.FFN`. Shapes: ``idx: [B, L]`` token ids -> ``logits: [B, L, vocab]``.
+``config.moe_layers[i]`` (its shared experts inside it), else a dense :class:`moe_lab.FFN`.
+Shapes: ``idx: [B, L]`` token ids -> ``logits: [B, L, vocab]``.
 """
 from __future__ import annotations
 
@@ -13,19 +13,25 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .bias_balancing import BiasBalancer
 from .calculator import Arch, moe_schedule
+from .config import MoEConfig, MoEOptions
 from .experts import FFN
+from .hooks import TrainHook
 from .layer import MoELayer, RoutingInfo
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """Architecture (the fields of :class:`moe_lab.calculator.Arch` that the model supports) plus routing
-    and loss options. ``d_expert=None`` means ``d_ff``; ``n_shared`` shared experts of width ``d_expert``.
+class ModelConfig(MoEOptions):
+    """Architecture (the fields of :class:`moe_lab.calculator.Arch` that the model supports), loss weights, and
+    every :class:`moe_lab.config.MoEOptions` field (inherited: ``capacity_factor``, ``score_func``,
+    ``selection_bias``, ``n_groups``, ``n_shared``, ...), which configure each MoE layer
+    (:meth:`layer_config`). ``num_experts`` routed experts of width ``d_expert`` (None = ``d_ff``), ``k`` per
+    token; ``n_shared`` shared experts of width ``d_shared`` (None = ``d_expert``); ``activation`` applies to
+    the dense FFNs too.
 
-    Routing options are passed to :class:`moe_lab.MoELayer`: ``capacity_factor`` (None = dropless),
-    ``jitter_eps`` (Switch's multiplicative router noise, 0 = off), ``softmax_order``, ``renormalize``,
-    ``dispatch``. Loss: ``cross-entropy + aux_coef * sum_layers aux + z_coef * sum_layers z``.
+    Loss: ``cross-entropy + aux_coef * aux + z_coef * z + seq_aux_coef * seq_aux + device_aux_coef * device_aux
+    + comm_aux_coef * comm_aux``, each term summed over the MoE layers (see :class:`moe_lab.RoutingInfo`).
     """
 
     vocab_size: int = 256
@@ -34,22 +40,23 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None
     d_ff: int = 256
-    activation: str = "swiglu"
     num_experts: int = 0
     k: int = 1
     d_expert: int | None = None
-    n_shared: int = 0
     moe_every: int = 1
     first_dense: int = 0
     tie_embeddings: bool = False
-    capacity_factor: float | None = None
-    jitter_eps: float = 0.0
-    softmax_order: str = "before_topk"
-    renormalize: bool = True
-    dispatch: str = "sorted"
     aux_coef: float = 0.0
     z_coef: float = 0.0
+    seq_aux_coef: float = 0.0
+    device_aux_coef: float = 0.0
+    comm_aux_coef: float = 0.0
     rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_experts:
+            self.layer_config()  # validates the MoE layer (k, groups, ...) now, not when the model is built
 
     @property
     def moe_layers(self) -> list[bool]:
@@ -58,6 +65,16 @@ class ModelConfig:
             return [False] * self.n_layers
         return moe_schedule(self.n_layers, self.moe_every, self.first_dense)
 
+    def layer_config(self) -> MoEConfig:
+        """The :class:`moe_lab.config.MoEConfig` of each MoE layer (``d_ff`` = ``d_expert or d_ff``)."""
+        return MoEConfig(d_model=self.d_model, d_ff=self.d_expert or self.d_ff, num_experts=self.num_experts,
+                         k=self.k, **self.options())
+
+    def loss_weights(self) -> dict[str, float]:
+        """``{term: coefficient}`` of the auxiliary loss terms (the initial ``MoETransformer.loss_weights``)."""
+        return {"aux": self.aux_coef, "z": self.z_coef, "seq_aux": self.seq_aux_coef,
+                "device_aux": self.device_aux_coef, "comm_aux": self.comm_aux_coef}
+
     def arch(self) -> Arch:
         """This model as a calculator :class:`Arch` (``count_params(cfg.arch()).total`` = its parameters)."""
         moe = self.num_experts > 0
@@ -65,11 +82,15 @@ class ModelConfig:
                     vocab_size=self.vocab_size, d_ff=self.d_ff, activation=self.activation,
                     num_experts=self.num_experts, k=self.k if moe else 0,
                     d_expert=(self.d_expert or self.d_ff) if moe else 0, n_shared=self.n_shared,
-                    moe_every=self.moe_every, first_dense=self.first_dense, tie_embeddings=self.tie_embeddings)
+                    d_shared=self.d_shared, moe_every=self.moe_every, first_dense=self.first_dense,
+                    tie_embeddings=self.tie_embeddings)
 
 
-# Toy presets: same width, depth and active FFN parameters per token (d_ff 256 dense = k x d_expert routed),
-# SwiGLU everywhere so that only the routing differs.
+# Toy presets: same width, depth and active FFN parameters per token (d_ff 256 dense = (k + n_shared) x d_expert),
+# SwiGLU everywhere so that only the routing differs. The DeepSeek presets mirror the published models'
+# structure at toy size (moe_lab.calculator.PRESETS / PUBLISHED_ROUTING; a test checks that they agree):
+# fine-grained experts of 1/8 the dense width, shared experts, the first layer dense.
+_DEEPSEEK = dict(num_experts=32, d_expert=32, first_dense=1)
 TOY_PRESETS: dict[str, dict] = {
     "dense": dict(),
     "switch": dict(num_experts=8, k=1, d_expert=256, renormalize=False, capacity_factor=1.0, jitter_eps=0.01,
@@ -77,15 +98,26 @@ TOY_PRESETS: dict[str, dict] = {
     "glam": dict(num_experts=8, k=2, d_expert=128, moe_every=2, aux_coef=1e-2),
     "st_moe": dict(num_experts=8, k=2, d_expert=128, capacity_factor=1.25, aux_coef=1e-2, z_coef=1e-3),
     "mixtral": dict(num_experts=8, k=2, d_expert=128, aux_coef=1e-2),
-    "deepseek": dict(num_experts=16, k=3, d_expert=64, n_shared=1, first_dense=1, renormalize=False, aux_coef=1e-2),
+    # DeepSeekMoE (V1): fine-grained + 2 shared experts, softmax before top-k, no renormalisation, aux loss
+    "deepseek_v1": dict(**_DEEPSEEK, k=6, n_shared=2, renormalize=False, aux_coef=1e-2),
+    # DeepSeek-V2: V1 + device-limited routing (8 groups as devices, M = 3) and the three balance losses with
+    # the paper's coefficients (routed_scaling_factor stays 1 like V1, so V1 vs V2 differ only in the limit)
+    "deepseek_v2": dict(**_DEEPSEEK, k=6, n_shared=2, renormalize=False, n_groups=8, topk_groups=3,
+                        aux_coef=3e-3, device_aux_coef=0.05, comm_aux_coef=0.02),
+    # DeepSeek-V3: sigmoid gating, selection bias updated aux-loss-free (gamma 1e-3), node-limited routing
+    # (8 groups, 4 kept, top-2 sums), normalised gates x 2.5, 1 shared expert, the tiny sequence-wise loss
+    "deepseek_v3": dict(**_DEEPSEEK, k=7, n_shared=1, score_func="sigmoid", selection_bias=True,
+                        bias_update_rate=1e-3, n_groups=8, topk_groups=4, group_score="top2_sum",
+                        routed_scaling_factor=2.5, seq_aux_coef=1e-4),
 }
 """Overrides of :class:`ModelConfig` per preset name (see :func:`toy_config`)."""
 
 
 def toy_config(name: str, **overrides) -> ModelConfig:
     """The toy preset ``name`` (``dense``, ``switch``: top-1 CF 1.0 + jitter, ``glam``: top-2 every other
-    layer, ``st_moe``: top-2 CF 1.25 + z-loss, ``mixtral``: top-2 dropless, ``deepseek``: fine-grained +
-    shared expert, first layer dense), with ``overrides`` applied (e.g. ``d_model=128``)."""
+    layer, ``st_moe``: top-2 CF 1.25 + z-loss, ``mixtral``: top-2 dropless, ``deepseek_v1`` / ``_v2`` /
+    ``_v3``: see :data:`TOY_PRESETS`), with ``overrides`` applied (e.g. ``d_model=128``,
+    ``bias_update_rate=1e-2``)."""
     if name not in TOY_PRESETS:
         raise ValueError(f"name must be one of {tuple(TOY_PRESETS)}, got {name!r}")
     return ModelConfig(**{**TOY_PRESETS[name], **overrides})
@@ -140,47 +172,48 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.ffn_norm = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base)
-        self.shared = None
-        if moe:
-            d_expert = cfg.d_expert or cfg.d_ff
-            self.ffn = MoELayer(cfg.d_model, d_expert, cfg.num_experts, cfg.k, activation=cfg.activation,
-                                softmax_order=cfg.softmax_order, renormalize=cfg.renormalize,
-                                dispatch=cfg.dispatch, jitter_eps=cfg.jitter_eps,
-                                capacity_factor=cfg.capacity_factor)
-            if cfg.n_shared:  # shared experts as one always-on FFN of width n_shared * d_expert
-                self.shared = FFN(cfg.d_model, cfg.n_shared * d_expert, cfg.activation)
-        else:
-            self.ffn = FFN(cfg.d_model, cfg.d_ff, cfg.activation)
+        self.ffn = MoELayer.from_config(cfg.layer_config()) if moe else FFN(cfg.d_model, cfg.d_ff, cfg.activation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo | None]:
         x = x + self.attn(self.attn_norm(x))
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             y, info = self.ffn(h)
-            if self.shared is not None:
-                y = y + self.shared(h)
             return x + y, info
         return x + self.ffn(h), None
 
 
+LOSS_TERMS = {"aux": "aux_loss", "z": "z_loss", "seq_aux": "seq_aux_loss", "device_aux": "device_aux_loss",
+              "comm_aux": "comm_aux_loss"}
+"""Auxiliary loss terms of :class:`LossOutput` and the :class:`moe_lab.RoutingInfo` field each sums."""
+
+
 @dataclass
 class LossOutput:
-    """``total = ce + aux_coef * aux + z_coef * z`` (aux and z summed over MoE layers) and the routing
-    info of each MoE layer."""
+    """``total = ce + sum_term weight[term] * term`` over :data:`LOSS_TERMS` (each term summed over the MoE
+    layers; weights: ``MoETransformer.loss_weights``) and the routing info of each MoE layer."""
 
     total: torch.Tensor
     ce: torch.Tensor
     aux: torch.Tensor
     z: torch.Tensor
+    seq_aux: torch.Tensor
+    device_aux: torch.Tensor
+    comm_aux: torch.Tensor
     infos: list[RoutingInfo]
 
 
 class MoETransformer(nn.Module):
-    """Decoder-only language model with dense or MoE FFNs (see :class:`ModelConfig`)."""
+    """Decoder-only language model with dense or MoE FFNs (see :class:`ModelConfig`).
+
+    ``loss_weights``: the coefficient of each auxiliary loss term (from the config; a plain dict, so a
+    schedule hook may change it during training).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.loss_weights = cfg.loss_weights()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg, moe) for moe in cfg.moe_layers)
@@ -206,6 +239,15 @@ class MoETransformer(nn.Module):
         logits, infos = self(idx)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         zero = ce.new_zeros(())
-        aux = sum((i.aux_loss for i in infos), zero)
-        z = sum((i.z_loss for i in infos), zero)
-        return LossOutput(ce + self.cfg.aux_coef * aux + self.cfg.z_coef * z, ce, aux, z, infos)
+        terms = {term: sum((getattr(i, field) for i in infos), zero) for term, field in LOSS_TERMS.items()}
+        total = ce
+        for term, value in terms.items():
+            if self.loss_weights[term]:
+                total = total + self.loss_weights[term] * value
+        return LossOutput(total, ce, infos=infos, **terms)
+
+    def training_hooks(self) -> list[TrainHook]:
+        """Hooks this model needs in training (:func:`moe_lab.train.train` adds them): a
+        :class:`moe_lab.bias_balancing.BiasBalancer` when a layer has a selection bias with an update rate."""
+        balancer = BiasBalancer(self)
+        return [balancer] if balancer.layers else []

@@ -256,15 +256,12 @@ class ExpertParallelMoELayer(MoELayer):
 
     @classmethod
     def from_layer(cls, layer: MoELayer, group: dist.ProcessGroup | None = None) -> "ExpertParallelMoELayer":
-        """Shard a single-process layer: copy its router and this rank's slice of its experts."""
-        ep = cls(
-            layer.d_model, layer.experts.d_ff, layer.num_experts, layer.k,
-            activation=layer.experts.activation, softmax_order=layer.softmax_order,
-            renormalize=layer.renormalize, router=layer.router_type, jitter_eps=layer.jitter_eps,
-            capacity_factor=layer.capacity_factor, drop_policy=layer.drop_policy, group=group,
-        ).to(layer.experts.w1.device)
+        """Shard a single-process layer (same config): copy its router, shared experts and selection bias, and
+        this rank's slice of its experts."""
+        ep = cls.from_config(layer.config, group=group).to(layer.experts.w1.device)
         ep.experts.to(layer.experts.w1.dtype)  # the router keeps its own dtype (float32)
-        ep.router.load_state_dict(layer.router.state_dict())
+        ep.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("experts.")},
+                           strict=False)
         local = slice(ep.first_expert, ep.first_expert + ep.num_local_experts)
         with torch.no_grad():
             for name, w in ep.experts.named_parameters():
@@ -291,29 +288,38 @@ class ExpertParallelMoELayer(MoELayer):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
         """Like :meth:`MoELayer.forward`; a rank with no tokens (``x: [..., 0, d_model]``) still joins every
         exchange, forward and backward, and gets an empty ``y`` (its losses in ``info`` are 0)."""
-        if x.numel() == 0 and x.dim() >= 2 and x.shape[-1] == self.d_model and x.is_floating_point():
+        c = self.config
+        if x.numel() == 0 and x.dim() >= 2 and x.shape[-1] == c.d_model and x.is_floating_point():
             return self._forward_no_tokens(x)
         return super().forward(x)
 
     def _forward_no_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
-        tokens = x.reshape(0, self.d_model)
-        logits = self.router(tokens)
-        logits = logits[-1] if isinstance(logits, tuple) else logits  # the noisy router returns (clean, std, noisy)
-        # Empty gates that still depend on the router: its gradient exists (zeros) like on every other rank, so
-        # the data-parallel all-reduce of the replicated gradients makes the same calls everywhere.
-        gates = logits[:, : self.k]
-        experts = torch.empty(0, self.k, dtype=torch.long, device=x.device)
+        c = self.config
+        tokens = x.reshape(0, c.d_model)
+        clean = noise_std = None
+        if c.router == "noisy_topk":
+            clean, noise_std, logits = self.router(tokens)
+        else:
+            logits = self.router(tokens, c.router_dtype)
+        # nothing to route (the gating's reshapes may not accept an empty batch): empty selections
+        scores = probs = torch.zeros_like(logits, dtype=torch.float32)
+        experts = torch.empty(0, c.k, dtype=torch.long, device=x.device)
+        gates = torch.zeros(0, c.k, dtype=torch.float32, device=x.device)
         capacity = keep = None
-        if self.capacity_factor is not None:
-            capacity, keep = self._capacity_keep(experts, gates)
-        y = self._run_experts(tokens, experts, gates, keep, capacity)
-        zero = logits.sum() * 0
+        if self.current_capacity_factor is not None:
+            capacity, keep = self._capacity_keep(experts, scores.gather(1, experts))
+        # Every parameter gets a (zero) gradient, as on the ranks with tokens, so that the data-parallel all-reduce
+        # of the replicated gradients makes the same calls on every rank.
+        zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
+        y = self._run_experts(tokens, experts, gates, keep, capacity) + zero
         info = RoutingInfo(
-            logits=logits, probs=logits.softmax(dim=-1), experts=experts, gates=gates,
-            tokens_per_expert=torch.zeros(self.num_experts, dtype=torch.long, device=x.device),
-            aux_loss=zero, z_loss=zero, dropped=torch.zeros_like(experts, dtype=torch.bool), drop_rate=0.0,
-            capacity=capacity, importance_loss=zero)
-        return y.reshape(*x.shape[:-1], self.d_model), info
+            logits=logits, scores=scores, probs=probs, experts=experts, gates=gates,
+            tokens_per_expert=torch.zeros(c.num_experts, dtype=torch.long, device=x.device),
+            aux_loss=zero, z_loss=zero, seq_aux_loss=zero, device_aux_loss=zero, comm_aux_loss=zero,
+            dropped=torch.zeros_like(experts, dtype=torch.bool), drop_rate=0.0, capacity=capacity,
+            importance_loss=zero, batch_shape=tuple(x.shape[:-1]), clean_logits=clean, noise_std=noise_std,
+            load_loss=None if clean is None else zero)
+        return y.reshape(*x.shape[:-1], c.d_model), info
 
     def extra_repr(self) -> str:
         return (f"local experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1}, "

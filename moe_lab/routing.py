@@ -1,14 +1,20 @@
-"""Routing: turn router logits into (probabilities, top-k gates, selected experts).
+"""Routing: turn router logits into (scores, top-k gates, selected experts).
+
+Softmax gating (:func:`softmax_topk`: before / after top-k, renormalisation) and DeepSeek-V3's sigmoid gating
+with a selection-only bias (:func:`sigmoid_topk`), both optionally group-limited (:func:`group_limited_topk`:
+DeepSeek-V2 device-limited, V3 node-limited routing) and scaled (``routed_scaling_factor``).
 
 Also the two classic sources of routing noise: Shazeer et al. 2017's noisy top-k (a learned, per-expert
 Gaussian noise scale) and the Switch Transformer's multiplicative jitter on the router input. Both are
 for training only: evaluation routing is deterministic.
 
 Shapes: ``T`` tokens, ``E`` experts, ``k`` experts per token.
-Router math always runs in float32, whatever the input dtype or autocast setting.
+Router math runs in float32 by default, whatever the input dtype or autocast setting (``dtype`` / the
+layer's ``router_dtype`` lowers it for precision experiments; a selection bias always stays float32).
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -17,6 +23,8 @@ import torch.nn.functional as F
 
 SoftmaxOrder = Literal["before_topk", "after_topk"]
 SOFTMAX_ORDERS = ("before_topk", "after_topk")
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
 
 
 def check_k(k: int, num_experts: int) -> None:
@@ -59,31 +67,155 @@ def check_finite_logits(logits: torch.Tensor) -> None:
         )
 
 
+def check_group_limits(num_experts: int, k: int, n_groups: int, topk_groups: int, group_score: str = "max") -> None:
+    """Raise ``ValueError`` (naming the argument) unless group-limited top-k is well defined: ``n_groups``
+    divides ``num_experts``, ``1 <= topk_groups <= n_groups``, ``group_score`` is known (``"top2_sum"`` needs
+    groups of at least 2 experts) and ``k`` fits into the experts of the ``topk_groups`` kept groups."""
+    for name, value in (("n_groups", n_groups), ("topk_groups", topk_groups)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if num_experts % n_groups:
+        raise ValueError(f"n_groups={n_groups} must divide num_experts={num_experts} (groups are contiguous and equal)")
+    if topk_groups > n_groups:
+        raise ValueError(f"topk_groups must satisfy 1 <= topk_groups <= n_groups={n_groups}, got {topk_groups}")
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+    size = num_experts // n_groups
+    if n_groups > 1 and group_score == "top2_sum" and size < 2:
+        raise ValueError(f"group_score='top2_sum' needs groups of >= 2 experts, got num_experts={num_experts} "
+                         f"in n_groups={n_groups}")
+    if n_groups > 1 and k > topk_groups * size:
+        raise ValueError(f"k={k} is larger than the {topk_groups * size} experts left after group masking "
+                         f"(topk_groups={topk_groups} groups of {size} experts)")
+
+
+def check_bias(bias: torch.Tensor | None, num_experts: int) -> None:
+    """Raise ``ValueError`` unless ``bias`` is None or a floating-point ``[num_experts]`` tensor."""
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,)
+                             or not bias.is_floating_point()):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be a floating-point tensor of shape [num_experts]=[{num_experts}], got {shape}")
+
+
+def _router_math_input(logits: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Validate ``[T, E]`` logits and ``k``; return the logits in the gating dtype (float32 by default)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [tokens, num_experts], got shape {tuple(logits.shape)}")
+    check_k(k, logits.shape[-1])
+    check_finite_logits(logits)
+    out = logits.to(dtype)
+    if (out.dtype != logits.dtype and torch.finfo(logits.dtype).max > torch.finfo(dtype).max
+            and reads_values(out) and not torch.isfinite(out).all()):
+        raise ValueError(f"router logits exceed the {dtype} range (|logit| <= {torch.finfo(dtype).max:.3g}) that "
+                         f"the gating math runs in, got |logit| up to {float(logits.abs().max()):.3g}")
+    return out
+
+
+def _group_scores(sel: torch.Tensor, n_groups: int, group_score: str, log_space: bool) -> torch.Tensor:
+    """``[T, n_groups]`` score of each contiguous group of ``sel: [T, E]``: its max, or the sum of its top-2
+    (``log_space``: ``sel`` holds log-scores, so the sum is a ``logsumexp``)."""
+    grouped = sel.view(sel.shape[0], n_groups, -1)
+    if group_score == "max":
+        return grouped.amax(dim=-1)
+    top2 = grouped.topk(2, dim=-1).values
+    return top2.logsumexp(dim=-1) if log_space else top2.sum(dim=-1)
+
+
+def _limited_topk(sel: torch.Tensor, k: int, n_groups: int, topk_groups: int, group_score: str,
+                  group_sel: torch.Tensor | None = None, log_space: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``sel: [T, E]`` among the experts of each token's best ``topk_groups`` groups, the groups scored
+    on ``group_sel`` (default ``sel``); the other experts are masked with ``-inf``."""
+    if n_groups > 1 and topk_groups < n_groups:
+        scores = _group_scores(sel if group_sel is None else group_sel, n_groups, group_score, log_space)
+        kept = scores.topk(topk_groups, dim=-1).indices  # [T, topk_groups]
+        masked = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)  # [T, n_groups]
+        grouped = sel.view(sel.shape[0], n_groups, -1).masked_fill(masked.unsqueeze(-1), float("-inf"))
+        sel = grouped.view_as(sel)
+    values, experts = sel.topk(k, dim=-1)
+    return values, experts
+
+
+def group_limited_topk(scores: torch.Tensor, k: int, *, n_groups: int, topk_groups: int,
+                       group_score: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k (DeepSeek-V2 device-limited routing, DeepSeek-V3 node-limited routing).
+
+    The ``E`` experts form ``n_groups`` contiguous groups of ``E / n_groups`` (group ``g`` holds experts
+    ``g * E/n_groups ... (g + 1) * E/n_groups - 1``: a device or a node). Each token scores every group
+    (``"max"``: its largest score, V2; ``"top2_sum"``: the sum of its two largest scores, V3), keeps its best
+    ``topk_groups`` groups and takes the top-k of the experts in those groups: the experts of the other groups
+    are masked with ``-inf``, so they can never win (masking with 0 is a bug in published code: with a negative
+    selection bias every kept score can be below 0). With softmax gating (V2) pass the probabilities.
+
+    Args:
+        scores: ``[T, E]`` float32 selection scores (a selection bias already added).
+        k: experts per token, ``1 <= k <= topk_groups * E / n_groups``.
+        n_groups: number of groups, dividing ``E``.  topk_groups: groups kept, ``1 <= topk_groups <= n_groups``.
+        group_score: ``"max"`` or ``"top2_sum"``.
+    Returns:
+        ``(values [T, k], experts [T, k] int64)``: the selected scores and experts, largest first.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape [tokens, num_experts], got shape {tuple(scores.shape)}")
+    check_k(k, scores.shape[-1])
+    check_group_limits(scores.shape[-1], k, n_groups, topk_groups, group_score)
+    return _limited_topk(scores, k, n_groups, topk_groups, group_score)
+
+
+def _normalize(gates: torch.Tensor) -> torch.Tensor:
+    """Rescale ``[T, k]`` gates to sum to 1 per token (a zero sum stays finite)."""
+    return gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+
+
+def _scaled(gates: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
+    if not (isinstance(routed_scaling_factor, (int, float)) and 0 < routed_scaling_factor < math.inf):
+        raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {routed_scaling_factor!r}")
+    return gates if routed_scaling_factor == 1 else gates * routed_scaling_factor
+
+
+def _selection(scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Selection scores ``s + b`` in float32 (the bias never reaches the gates)."""
+    check_bias(bias, scores.shape[-1])
+    return scores.float() + bias.float()
+
+
 def softmax_topk(
     logits: torch.Tensor,
     k: int,
     *,
     softmax_order: SoftmaxOrder = "before_topk",
     renormalize: bool = True,
+    bias: torch.Tensor | None = None,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: str = "max",
+    routed_scaling_factor: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax gating with top-k selection.
+    """Softmax gating with top-k selection (Mixtral, Switch, DeepSeek v1/v2).
+
+    Without a bias, experts are selected by their logits (the same order as the probabilities, which may
+    underflow to 0 for far-behind experts); with ``bias``, by ``probs + bias`` (Wang et al. 2024 with softmax),
+    and the gates still come from the unbiased probabilities / logits.
 
     Args:
-        logits: ``[T, E]`` router logits (any float dtype; computed in float32).
+        logits: ``[T, E]`` router logits (any float dtype; the math runs in ``dtype``).
         k: experts per token, ``1 <= k <= E``.
         softmax_order: ``"before_topk"``: softmax over all ``E`` experts, then keep the top k
             (Mixtral, DeepSeek v1/v2, Switch); ``"after_topk"``: keep the top-k logits, softmax over them.
         renormalize: with ``"before_topk"``, rescale the kept probabilities to sum to 1 (Mixtral: yes;
             Switch k=1 and DeepSeek v1/v2: no). Softmax after top-k always sums to 1, so it requires True.
+        bias: optional ``[E]`` float32 selection-only bias.
+        n_groups, topk_groups, group_score: group-limited selection (:func:`group_limited_topk`; V2:
+            ``n_groups`` devices, ``topk_groups = M``); the default 1 group is unrestricted.
+        routed_scaling_factor: multiplies the gates (DeepSeek's ``route_scale``; 1 = off).
+        dtype: dtype of the gating math: float32 (default) or bfloat16 / float16 for precision experiments.
 
     Returns:
-        probs: ``[T, E]`` float32 softmax over all experts (what the Switch aux loss uses).
-        gates: ``[T, k]`` float32 weights of the selected experts, largest first.
+        probs: ``[T, E]`` softmax over all experts (what the Switch aux loss uses), in ``dtype``.
+        gates: ``[T, k]`` weights of the selected experts, best first, in ``dtype``.
         experts: ``[T, k]`` int64 indices of the selected experts.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape [tokens, num_experts], got shape {tuple(logits.shape)}")
-    check_k(k, logits.shape[-1])
     if softmax_order not in SOFTMAX_ORDERS:
         raise ValueError(f"softmax_order must be one of {SOFTMAX_ORDERS}, got {softmax_order!r}")
     if softmax_order == "after_topk" and not renormalize:
@@ -91,21 +223,78 @@ def softmax_topk(
             "renormalize=False only applies to softmax_order='before_topk': a softmax after top-k "
             "already sums to 1 over the selected experts"
         )
-    check_finite_logits(logits)
-    logits = logits.float()
+    logits = _router_math_input(logits, k, dtype)
+    check_group_limits(logits.shape[-1], k, n_groups, topk_groups, group_score)
     probs = logits.softmax(dim=-1)
-    if softmax_order == "before_topk":
-        gates, experts = probs.topk(k, dim=-1)
-        if renormalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+    if bias is None:  # logits order experts like probs; groups' top-2 sums compare as logsumexp of logits
+        _, experts = _limited_topk(logits, k, n_groups, topk_groups, group_score, log_space=True)
     else:
-        top_logits, experts = logits.topk(k, dim=-1)
-        gates = top_logits.softmax(dim=-1)
-    return probs, gates, experts
+        _, experts = _limited_topk(_selection(probs, bias), k, n_groups, topk_groups, group_score)
+    if softmax_order == "before_topk":
+        gates = probs.gather(1, experts)
+        if renormalize:
+            gates = _normalize(gates)
+    else:
+        gates = logits.gather(1, experts).softmax(dim=-1)
+    return probs, _scaled(gates, routed_scaling_factor), experts
+
+
+def sigmoid_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    renormalize: bool = True,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: str = "max",
+    routed_scaling_factor: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 sigmoid gating with a selection-only bias.
+
+    Scores ``s = sigmoid(logits)``; experts are *selected* by the top-k of ``s + bias`` (group-limited when
+    ``n_groups > 1``); the gate of a selected expert is its *unbiased* ``s_i``, divided by the sum of the
+    selected ``s`` when ``renormalize`` and ``k > 1``, times ``routed_scaling_factor`` (V3: 2.5). So the bias
+    decides which experts a token uses, never how much of an expert it takes: a token whose selected set is
+    unchanged gets the same gates for any bias (with renormalisation a *different* set changes the
+    denominator; without it an expert that stays selected keeps its gate exactly). Without a bias, experts
+    are selected by their logits (the same order as ``s``, without sigmoid's saturation ties).
+
+    Args:
+        logits: ``[T, E]`` router logits (any float dtype; the math runs in ``dtype``).
+        k: experts per token.  bias: optional ``[E]`` float32 selection bias.
+        renormalize: normalise the selected gates when ``k > 1`` (V3: yes; at ``k = 1`` the gate stays
+            ``s_i`` so the router keeps a gradient).
+        n_groups, topk_groups, group_score: see :func:`group_limited_topk` (V3: 8, 4, ``"top2_sum"``).
+        routed_scaling_factor: multiplies the gates.  dtype: dtype of the gating math (float32 default).
+
+    Returns:
+        scores: ``[T, E]`` sigmoid scores (unbiased) in ``dtype``.  gates: ``[T, k]`` gate weights, best first.
+        experts: ``[T, k]`` int64 selected experts.
+    """
+    logits = _router_math_input(logits, k, dtype)
+    check_group_limits(logits.shape[-1], k, n_groups, topk_groups, group_score)
+    scores = logits.sigmoid()
+    if bias is None:
+        group_sel = F.logsigmoid(logits) if group_score == "top2_sum" else logits
+        _, experts = _limited_topk(logits, k, n_groups, topk_groups, group_score, group_sel, log_space=True)
+    else:
+        _, experts = _limited_topk(_selection(scores, bias), k, n_groups, topk_groups, group_score)
+    gates = scores.gather(1, experts)
+    if renormalize and k > 1:
+        gates = _normalize(gates)
+    return scores, _scaled(gates, routed_scaling_factor), experts
+
+
+def normalized_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Scores normalised over all experts per token, ``s'_{t,i} = s_{t,i} / sum_j s_{t,j}`` (``[T, E]``):
+    DeepSeek-V3's ``s'`` in the sequence-wise balance loss; equal to the probabilities for softmax scores."""
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 class Router(nn.Module):
-    """A linear router ``logits = x @ W^T`` computed in float32.
+    """A linear router ``logits = x @ W^T`` computed in float32 (or ``dtype``), autocast off.
 
     ``weight`` is ``[E, d_model]`` like ``nn.Linear(d_model, E, bias=False)``.
     """
@@ -117,10 +306,10 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default init
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[T, d_model]`` -> logits ``[T, E]`` in float32."""
+    def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x: ``[T, d_model]`` -> logits ``[T, E]`` in ``dtype`` (the matmul runs in it)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
+            return F.linear(x.to(dtype), self.weight.to(dtype))
 
 
 def dense_gates(gates: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -191,43 +380,3 @@ class NoisyTopKRouter(nn.Module):
             noise_std = F.softplus(F.linear(x, self.noise_weight.float()))
         noisy = add_gating_noise(clean, noise_std, generator) if self.training else clean
         return NoisyLogits(clean, noise_std, noisy)
-
-
-GROUP_SCORES = ("max", "top2_sum")
-
-
-def group_limited_topk(scores: torch.Tensor, k: int, *, n_groups: int, topk_groups: int,
-                       group_score: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
-    """Device- / node-limited top-k (DeepSeek-V2 / V3): choose ``k`` experts from the best ``topk_groups`` groups.
-
-    scores: ``[T, E]`` float32 selection scores; the ``E`` experts form ``n_groups`` contiguous groups of
-    ``E / n_groups`` (e.g. the experts of one device). Each group is scored per token by its best expert
-    (``"max"``, DeepSeek-V2's device-limited routing) or the sum of its two best (``"top2_sum"``, V3); the
-    experts outside the best ``topk_groups`` groups are masked with ``-inf`` (never 0: a masked expert must
-    lose to any real score, negative ones included), then top-k.
-    Returns ``(values [T, k], experts [T, k] int64)``, largest first.
-    """
-    if scores.dim() != 2 or not scores.is_floating_point():
-        raise ValueError(f"scores must be a float tensor of shape [tokens, num_experts], got {scores.dtype} "
-                         f"of shape {tuple(scores.shape)}")
-    num_experts = scores.shape[1]
-    if not isinstance(n_groups, int) or n_groups < 1 or num_experts % n_groups:
-        raise ValueError(f"n_groups must be a positive divisor of num_experts={num_experts}, got {n_groups!r}")
-    if not isinstance(topk_groups, int) or not 1 <= topk_groups <= n_groups:
-        raise ValueError(f"topk_groups must be an integer with 1 <= topk_groups <= n_groups={n_groups}, "
-                         f"got {topk_groups!r}")
-    if group_score not in GROUP_SCORES:
-        raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
-    per_group = num_experts // n_groups
-    if group_score == "top2_sum" and per_group < 2:
-        raise ValueError(f"group_score='top2_sum' needs >= 2 experts per group, got {per_group}")
-    check_k(k, topk_groups * per_group)
-    grouped = scores.view(scores.shape[0], n_groups, per_group)
-    if group_score == "max":
-        group_scores = grouped.max(dim=-1).values
-    else:
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-    keep = torch.zeros_like(group_scores, dtype=torch.bool)
-    keep.scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, True)
-    masked = scores.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
-    return masked.topk(k, dim=-1)

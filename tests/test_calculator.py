@@ -92,7 +92,7 @@ def test_active_parameters_match_what_a_token_touches():
     assert count_params(cfg.arch()).active == sum(p.numel() for p in model.parameters()) - unused
 
 
-@pytest.mark.parametrize("name", ["dense", "mixtral", "glam", "deepseek"])
+@pytest.mark.parametrize("name", ["dense", "mixtral", "glam", "deepseek_v1", "deepseek_v3"])
 def test_forward_flops_equal_counted_matmul_flops(name):
     cfg = toy_config(name, dispatch="loop")  # the loop dispatch runs plain matmuls the counter sees
     model = MoETransformer(cfg)

@@ -5,6 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_lab.bias_balancing import BiasBalancer
+from moe_lab.calculator import PRESETS, PUBLISHED_ROUTING
+from moe_lab.config import MoEOptions
+from moe_lab.layer import MoELayer
 from moe_lab.model import TOY_PRESETS, Attention, ModelConfig, MoETransformer, rope, toy_config
 
 
@@ -23,13 +27,60 @@ def test_presets_build_and_run():
 def test_preset_schedules_and_routing_options():
     assert toy_config("dense").moe_layers == [False] * 4
     assert toy_config("glam").moe_layers == [False, True, False, True]
-    assert toy_config("deepseek").moe_layers == [False, True, True, True]
+    assert toy_config("deepseek_v1").moe_layers == [False, True, True, True]
     switch, st_moe, mixtral = toy_config("switch"), toy_config("st_moe"), toy_config("mixtral")
     assert (switch.k, switch.capacity_factor, switch.renormalize) == (1, 1.0, False)
     assert (st_moe.k, st_moe.capacity_factor, st_moe.z_coef) == (2, 1.25, 1e-3)
     assert (mixtral.k, mixtral.capacity_factor, mixtral.activation) == (2, None, "swiglu")
     with pytest.raises(ValueError, match="name must be one of"):
         toy_config("gshard")
+    with pytest.raises(ValueError, match="name must be one of"):  # retired: deepseek_v1 / _v2 / _v3
+        toy_config("deepseek")
+
+
+# toy preset -> the published model it is a small copy of
+DEEPSEEK = {"deepseek_v1": "deepseek_moe_16b", "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3"}
+
+
+@pytest.mark.parametrize("toy,real", DEEPSEEK.items())
+def test_deepseek_presets_agree_with_calculator_presets(toy, real):
+    cfg, arch = toy_config(toy), PRESETS[real]
+    toy_arch = cfg.arch()
+    assert toy_arch.n_shared == arch.n_shared and toy_arch.activation == arch.activation == "swiglu"
+    assert toy_arch.first_dense >= 1 and arch.first_dense >= 1 and toy_arch.moe_every == arch.moe_every == 1
+    assert toy_arch.d_shared is None and arch.d_shared is None  # shared experts as wide as routed ones
+    assert toy_arch.d_expert < toy_arch.d_ff and arch.d_expert < arch.d_ff  # fine-grained
+    if real != "deepseek_moe_16b":  # V2 / V3: routed + shared active width = the dense FFN width, as in the toy
+        assert (arch.k + arch.n_shared) * arch.d_expert == arch.d_ff
+    routing = dict(PUBLISHED_ROUTING[real])
+    scale = routing.pop("routed_scaling_factor")
+    assert {name: getattr(cfg, name) for name in routing} == routing
+    assert cfg.routed_scaling_factor == (1.0 if real == "deepseek_v2" else scale)  # toy V2 keeps V1's 1.0
+    if real == "deepseek_v3":  # aux-loss-free, gamma 1e-3, tiny sequence-wise loss
+        assert (cfg.bias_update_rate, cfg.aux_coef, cfg.seq_aux_coef) == (1e-3, 0.0, 1e-4)
+    if real == "deepseek_v2":  # the paper's alpha_1, alpha_2, alpha_3
+        assert (cfg.aux_coef, cfg.device_aux_coef, cfg.comm_aux_coef) == (3e-3, 0.05, 0.02)
+
+
+def test_model_config_forwards_layer_options():
+    cfg = toy_config("deepseek_v3", capacity_factor=1.5, eval_capacity_factor=None, router_dtype="bfloat16")
+    layer = MoETransformer(cfg).blocks[1].ffn
+    assert isinstance(layer, MoELayer) and layer.config == cfg.layer_config()
+    assert {f: getattr(layer.config, f) for f in MoEOptions().options()} == cfg.options()
+    assert (layer.config.d_ff, layer.config.num_experts, layer.config.k) == (32, 32, 7)
+    assert layer.config.router_dtype == torch.bfloat16 and layer.expert_bias.dtype == torch.float32
+    with pytest.raises(ValueError, match="n_groups=5 must divide num_experts=32"):  # at config time
+        toy_config("deepseek_v3", n_groups=5)
+    with pytest.raises(ValueError, match="bias_update_rate"):
+        toy_config("deepseek_v3", bias_update_rate=-1e-3)
+    ModelConfig(n_groups=5)  # a dense model has no MoE layer to check it against
+
+
+def test_training_hooks_come_from_the_layer_options():
+    (hook,) = MoETransformer(toy_config("deepseek_v3")).training_hooks()
+    assert isinstance(hook, BiasBalancer) and len(hook.layers) == 3
+    assert MoETransformer(toy_config("deepseek_v3", bias_update_rate=0.0)).training_hooks() == []
+    assert MoETransformer(toy_config("deepseek_v1")).training_hooks() == []
 
 
 def test_presets_have_equal_active_ffn_width():
@@ -90,13 +141,31 @@ def test_single_expert_moe_equals_dense_model():
     torch.testing.assert_close(moe(tokens)[0], dense(tokens)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_shared_expert_adds_an_always_on_ffn():
-    model = MoETransformer(toy_config("deepseek"))
+def test_shared_experts_live_in_the_moe_layer():
+    model = MoETransformer(toy_config("deepseek_v1"))
     block = model.blocks[1]
+    layer = block.ffn
+    assert not hasattr(block, "shared") and layer.shared.experts.d_ff == 2 * 32  # 2 shared experts of width 32
     x = torch.randn(2, 5, 64)
-    h = block.ffn_norm(x + block.attn(block.attn_norm(x)))
-    expected = x + block.attn(block.attn_norm(x)) + block.ffn(h)[0] + block.shared(h)
-    torch.testing.assert_close(block(x)[0], expected)
+    attended = x + block.attn(block.attn_norm(x))
+    h = block.ffn_norm(attended)
+    routed = layer._run_experts(h.reshape(-1, 64), *[getattr(layer(h)[1], f) for f in ("experts", "gates")],
+                                None, None).reshape(h.shape)
+    torch.testing.assert_close(block(x)[0], attended + routed + layer.shared(h))
+
+
+def test_loss_weights_all_terms_and_can_change():
+    model = MoETransformer(toy_config("deepseek_v2", seq_aux_coef=0.5))
+    x, y = torch.randint(0, 256, (2, 2, 16))
+    out = model.loss(x, y)
+    infos = out.infos
+    for term, field in (("aux", "aux_loss"), ("seq_aux", "seq_aux_loss"), ("device_aux", "device_aux_loss"),
+                        ("comm_aux", "comm_aux_loss"), ("z", "z_loss")):
+        torch.testing.assert_close(getattr(out, term), sum(getattr(i, field) for i in infos))
+    expected = out.ce + 3e-3 * out.aux + 0.5 * out.seq_aux + 0.05 * out.device_aux + 0.02 * out.comm_aux
+    torch.testing.assert_close(out.total, expected)
+    model.loss_weights["z"] = 2.0  # e.g. a schedule hook
+    torch.testing.assert_close(model.loss(x, y).total, expected + 2.0 * out.z)
 
 
 def test_loss_combines_cross_entropy_aux_and_z():

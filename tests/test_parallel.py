@@ -1,5 +1,7 @@
 """Expert parallelism over gloo: 2 and 4 CPU processes equal the single-process MoELayer on all their tokens,
 ranks without tokens included; what cannot work fails with the same clear error on every rank, never a hang."""
+import zlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,9 +24,15 @@ SCENARIOS = {
     "capacity_probability": (
         {"k": 2, "capacity_factor": 0.75, "drop_policy": "probability"}, lambda w: [7 + 2 * r for r in range(w)]),
     "top1_no_renormalize": ({"k": 1, "renormalize": False, "capacity_factor": 1.25}, lambda w: [16] * w),
+    "deepseek_v3_bias_groups_shared": (
+        {"k": 2, "score_func": "sigmoid", "selection_bias": True, "n_groups": 4, "topk_groups": 2,
+         "group_score": "top2_sum", "routed_scaling_factor": 2.5, "n_shared": 1}, lambda w: [16] * w),
     # a rank with no tokens still joins every exchange (else its peers hang)
     "dropless_last_rank_without_tokens": ({"k": 2}, lambda w: [16] * (w - 1) + [0]),
     "capacity_first_rank_without_tokens": ({"k": 2, "capacity_factor": 1.0}, lambda w: [0] + [20] * (w - 1)),
+    "deepseek_v3_last_rank_without_tokens": (  # shared expert and bias: every parameter still gets a gradient
+        {"k": 2, "score_func": "sigmoid", "selection_bias": True, "n_groups": 4, "topk_groups": 2,
+         "group_score": "top2_sum", "routed_scaling_factor": 2.5, "n_shared": 1}, lambda w: [16] * (w - 1) + [0]),
 }
 
 
@@ -32,13 +40,15 @@ def _build(name: str, world: int):
     """The same layer, inputs and output weights in every process: the single-process reference setup."""
     opts, sizes = SCENARIOS[name]
     sizes = sizes(world)
-    seed_everything(world * 100 + sorted(SCENARIOS).index(name))
+    seed_everything(world * 100 + zlib.crc32(name.encode()) % 97)  # a scenario's seed does not depend on the others
     layer = MoELayer(D_MODEL, D_FF, NUM_EXPERTS, **opts)
     x = torch.randn(sum(sizes), D_MODEL)
     x[:, 0] = x[:, 0].abs() + 1  # a positive feature the router can key on
     with torch.no_grad():
-        layer.router.weight[list(HOT), 0] += 0.5  # hot experts: uneven load
+        layer.router.weight[list(HOT), 0] += 1.0  # hot experts: uneven load
         layer.router.weight[list(COLD), 0] -= 30.0  # cold experts: empty
+        if layer.expert_bias is not None:  # a non-zero selection bias, which from_layer must copy
+            layer.expert_bias.copy_(torch.linspace(-0.05, 0.05, NUM_EXPERTS))
     return layer, x, torch.randn(sum(sizes), D_MODEL), sizes
 
 

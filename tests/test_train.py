@@ -1,5 +1,5 @@
-"""Training loop, history and data: the corpus is the interpreter's own standard library, batches are shifted
-windows."""
+"""Training loop, history, hooks, gradient accumulation and data: the corpus is the interpreter's own standard
+library, batches are shifted windows."""
 import math
 import sysconfig
 from pathlib import Path
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from moe_lab.data import get_batch, stdlib_corpus, stdlib_files, train_val_split
+from moe_lab.hooks import TrainHook
+from moe_lab.metrics import max_violation_tensor
 from moe_lab.model import MoETransformer, toy_config
-from moe_lab.train import evaluate, lr_at, train
+from moe_lab.train import evaluate, evaluate_load, lr_at, train
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64)
 
@@ -113,3 +115,83 @@ def test_training_on_cuda_matches_cpu_start():
     cpu, cuda = histories
     assert cuda.ce[0] == pytest.approx(cpu.ce[0], rel=1e-4)  # same weights, same batch: same first loss
     assert torch.equal(cuda.expert_load()[0], cpu.expert_load()[0])
+
+
+class Recorder(TrainHook):
+    """Records the events it sees and the gradients before each optimiser step."""
+
+    def __init__(self, skip_steps=()):
+        self.events, self.grads, self.skip_steps = [], [], set(skip_steps)
+
+    def on_train_start(self, state):
+        self.events.append("start")
+
+    def on_step_start(self, state):
+        self.events.append(("step", state.step, state.lr))
+
+    def before_optimizer_step(self, state):
+        self.events.append(("before", len(state.outputs), state.grad_norm is not None))
+        self.grads.append({n: p.grad.clone() for n, p in state.model.named_parameters() if p.grad is not None})
+        state.skip_step = state.step in self.skip_steps
+
+    def after_optimizer_step(self, state):
+        self.events.append(("after", state.skip_step))
+        state.history.log("seen", state.step)
+
+    def on_train_end(self, state):
+        self.events.append("end")
+
+
+def test_hooks_see_every_event_in_order():
+    model = MoETransformer(toy_config("mixtral", **SMALL))
+    rec = Recorder()
+    h = train(model, stdlib_corpus(5000), steps=2, batch_size=2, seq_len=16, grad_accum=3, warmup=2, hooks=[rec],
+              progress=False)
+    assert rec.events == ["start", ("step", 0, lr_at(0, 2, 3e-3, 2)), ("before", 3, True), ("after", False),
+                          ("step", 1, lr_at(1, 2, 3e-3, 2)), ("before", 3, True), ("after", False), "end"]
+    assert h.extra == {"seen": [0, 1]}
+    with pytest.raises(ValueError, match="TrainHook"):
+        train(model, stdlib_corpus(5000), steps=1, hooks=[object()], progress=False)
+    with pytest.raises(ValueError, match="grad_accum"):
+        train(model, stdlib_corpus(5000), steps=1, grad_accum=0, progress=False)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """grad_accum micro-batches of B sum to the gradient of one batch of grad_accum * B (equal-size means;
+    same windows: the step draws them in one go), for a model whose loss is a per-token mean."""
+    data = stdlib_corpus(10_000)
+    grads = []
+    for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
+        torch.manual_seed(0)
+        rec = Recorder()
+        h = train(MoETransformer(toy_config("mixtral", aux_coef=0.0, **SMALL)), data, steps=1,
+                  batch_size=batch_size, seq_len=16, grad_accum=accum, hooks=[rec], progress=False)
+        grads.append(rec.grads[0])
+        assert torch.all(h.expert_load()[0].sum(-1) == 8 * 16 * 2)  # loads summed over the micro-batches
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_a_hook_can_skip_a_step_and_the_nan_check_respects_it():
+    data = stdlib_corpus(5000)
+    torch.manual_seed(0)
+    model = MoETransformer(toy_config("mixtral", **SMALL))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, data, steps=1, batch_size=2, seq_len=16, hooks=[Recorder(skip_steps={0})], progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # skipped: nothing moved
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    h = train(model, data, steps=2, batch_size=2, seq_len=16, hooks=[Recorder(skip_steps={0, 1})], progress=False)
+    assert all(math.isnan(v) for v in h.loss)  # a NaN policy that skips steps takes over from the raise
+
+
+def test_history_max_violation_and_eval_load():
+    data = stdlib_corpus(10_000)
+    model = MoETransformer(toy_config("mixtral", **SMALL))
+    h = train(model, data, steps=3, batch_size=4, seq_len=16, progress=False)
+    torch.testing.assert_close(h.max_violation(), max_violation_tensor(h.expert_load()))
+    assert h.max_violation().shape == (3, 2) and len(h.seq_aux) == len(h.device_aux) == len(h.comm_aux) == 3
+    load = evaluate_load(model, data, batch_size=2, seq_len=16, batches=3)
+    assert load.shape == (2, 8) and torch.all(load.sum(-1) == 3 * 2 * 16 * 2)
+    assert model.training
