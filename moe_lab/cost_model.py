@@ -1,5 +1,5 @@
 """Cost models of distributed MoE training: the bytes expert parallelism moves, how long that takes on a given
-interconnect (the alpha-beta model), how many ranks a token's experts span, and what each rank holds in memory.
+interconnect (the alpha-beta model), what a rank's dispatch sends, and what each rank holds in memory.
 
 Conventions: ``P`` ranks in the expert-parallel group; rank ``r`` owns experts ``r * E/P ... (r+1) * E/P - 1``
 (as :class:`moe_lab.parallel.ExpertParallelMoELayer`); bytes are per rank; times in seconds; bandwidths in
@@ -26,17 +26,16 @@ import torch
 
 from .calculator import Arch, count_params, training_memory
 from .dispatch import expert_capacity
+from .metrics import devices_per_token, expert_groups
 from .parallel import all_to_all_bytes
 from .routing import check_experts
 
 ALL_TO_ALLS_PER_STEP = 4  # dispatch + combine, forward and backward
 
 
-def _check_world(world_size: int, num_experts: int | None = None) -> None:
+def _check_world(world_size: int) -> None:
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if num_experts is not None and num_experts % world_size:
-        raise ValueError(f"num_experts={num_experts} must be a multiple of world_size={world_size}")
 
 
 def ep_bytes_per_step(tokens: int, k: int, d_model: int, bytes_per_element: int, world_size: int,
@@ -81,15 +80,19 @@ def ep_step_time(compute_s: float, bytes_per_rank: float, world_size: int, laten
 
 
 def fit_alpha_beta(bytes_per_rank: list[float], seconds: list[float], world_size: int) -> tuple[float, float]:
-    """Least-squares ``(latency_s, bandwidth)`` of :func:`all_to_all_time` from measured all-to-alls of several
-    sizes (``world_size >= 2``, at least two distinct sizes)."""
+    """``(latency_s, bandwidth)`` of :func:`all_to_all_time` fitted to measured all-to-alls of several sizes
+    (``world_size >= 2``, at least two distinct sizes): least squares on the *relative* error, so small (latency
+    bound) and large (bandwidth bound) sizes count alike, with the latency constrained to ``>= 0``."""
     _check_world(world_size)
     n, t = np.asarray(bytes_per_rank, dtype=float), np.asarray(seconds, dtype=float)
-    if world_size < 2 or n.shape != t.shape or len(set(n.tolist())) < 2:
-        raise ValueError("need world_size >= 2 and matching bytes_per_rank / seconds with >= 2 distinct sizes")
+    if world_size < 2 or n.shape != t.shape or len(set(n.tolist())) < 2 or not (t > 0).all():
+        raise ValueError("need world_size >= 2 and matching bytes_per_rank / positive seconds with >= 2 distinct sizes")
     p = world_size
-    design = np.stack([np.full_like(n, p - 1), (p - 1) / p * n], axis=1)  # t = (P-1) alpha + (P-1)/P n / beta
-    (alpha, inv_beta), *_ = np.linalg.lstsq(design, t, rcond=None)
+    # t = (P-1) alpha + (P-1)/P n / beta, each row divided by its own t (relative residuals)
+    design = np.stack([np.full_like(n, p - 1), (p - 1) / p * n], axis=1) / t[:, None]
+    (alpha, inv_beta), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+    if alpha < 0:  # noise can push the intercept below 0: fit the bandwidth alone, with no latency
+        alpha, inv_beta = 0.0, float(design[:, 1] @ np.ones_like(t) / (design[:, 1] @ design[:, 1]))
     if inv_beta <= 0:
         raise ValueError("the measured times do not grow with the size: no positive bandwidth fits them")
     return float(alpha), float(1 / inv_beta)
@@ -116,34 +119,20 @@ LINKS = {
 """Published (DeepEP, measured effective bandwidth) and nominal (Ethernet line rate) figures."""
 
 
-def expert_owner(experts: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
-    """The rank that owns each selected expert: ``experts // (E / P)`` (contiguous blocks), same shape."""
-    _check_world(world_size, num_experts)
-    check_experts(experts, num_experts)
-    return torch.div(experts, num_experts // world_size, rounding_mode="floor")
-
-
-def rank_fanout(experts: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
-    """``[T]`` int64: how many distinct ranks own the ``k`` experts each token chose (``experts: [T, k]``)."""
-    owners = expert_owner(experts, num_experts, world_size)
-    hit = torch.zeros(experts.shape[0], world_size, dtype=torch.bool, device=experts.device)
-    return hit.scatter_(1, owners, True).sum(dim=1)
-
-
 def dispatch_bytes(experts: torch.Tensor, num_experts: int, world_size: int, rank: int, d_model: int,
                    bytes_per_element: int, dedup: bool = False) -> int:
     """Bytes rank ``rank`` sends to *other* ranks in one dispatch of its tokens ``experts: [T, k]``.
 
     ``dedup=False``: one row per token-slot (as :class:`moe_lab.parallel.ExpertParallelMoELayer` sends);
     ``dedup=True``: one row per token and destination rank, shared there by the token's experts (DeepSeek's
-    device-limited routing pays off only with such a dispatch)."""
-    owners = expert_owner(experts, num_experts, world_size)
+    device-limited routing pays off only with such a dispatch; the number of destination ranks of each token
+    is :func:`moe_lab.metrics.devices_per_token`)."""
+    check_experts(experts, num_experts)
+    owners = expert_groups(num_experts, world_size, experts.device)[experts]  # [T, k] rank of each chosen expert
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-    if dedup:
-        hit = torch.zeros(experts.shape[0], world_size, dtype=torch.bool, device=experts.device)
-        hit.scatter_(1, owners, True)
-        rows = int(hit.sum()) - int(hit[:, rank].sum())
+    if dedup:  # each token's destination ranks, less this rank itself
+        rows = int(devices_per_token(experts, num_experts, world_size).sum()) - int((owners == rank).any(dim=1).sum())
     else:
         rows = int((owners != rank).sum())
     return rows * d_model * bytes_per_element

@@ -142,19 +142,22 @@ class LocalCluster:
         self._zygote: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._zygote, self._conns, self._folder, False)
+        theirs: list[Connection] = []
         try:
-            theirs = []
             for _ in range(world_size):
                 mine, other = Pipe()
                 self._conns.append(mine)
                 theirs.append(other)
             fds = [str(c.fileno()) for c in theirs]
-            with open(os.path.join(self._folder, "zygote.log"), "wb") as log:
-                self._zygote.append(subprocess.Popen(
-                    [sys.executable, "-c", _BOOT, self._folder, *fds], pass_fds=[c.fileno() for c in theirs],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-            for other in theirs:
-                other.close()
+            try:
+                with open(os.path.join(self._folder, "zygote.log"), "wb") as log:
+                    self._zygote.append(subprocess.Popen(
+                        [sys.executable, "-c", _BOOT, self._folder, *fds], pass_fds=[c.fileno() for c in theirs],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                        start_new_session=True))
+            finally:
+                for other in theirs:
+                    other.close()  # only the workers keep these ends: a dead worker closes its pipe
             for rank, conn in enumerate(self._conns):
                 _send(conn, {"rank": rank, "world_size": world_size, "backend": backend, "threads": threads,
                              "timeout": self.timeout, "init_method": f"file://{self._folder}/rendezvous",

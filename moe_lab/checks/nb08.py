@@ -6,8 +6,9 @@ import random
 
 import torch
 
-from ..cost_model import dispatch_bytes, ep_bytes_per_step, ep_step_time, rank_fanout, rank_state_bytes
+from ..cost_model import dispatch_bytes, ep_bytes_per_step, ep_step_time, rank_state_bytes
 from ..dispatch import queue_positions
+from ..metrics import devices_per_token
 from ..routing import group_limited_topk
 from .core import Case, exercise
 
@@ -150,7 +151,7 @@ def _time_cases(hidden: bool) -> list[Case]:
 def fanout_bytes(experts: torch.Tensor, num_experts: int, world_size: int, rank: int, d_model: int,
                  bytes_per_element: int) -> tuple[torch.Tensor, int, int]:
     """Reference for 08.5: ``(fan-out [T] int64, bytes sent off-rank one row per slot, one row per rank)``."""
-    return (rank_fanout(experts, num_experts, world_size),
+    return (devices_per_token(experts, num_experts, world_size),
             dispatch_bytes(experts, num_experts, world_size, rank, d_model, bytes_per_element),
             dispatch_bytes(experts, num_experts, world_size, rank, d_model, bytes_per_element, dedup=True))
 
