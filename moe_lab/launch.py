@@ -9,10 +9,10 @@ test or a notebook, and get every rank's return value back.
 ``fn`` must be importable by name in a fresh process: a function defined at the top level of a module (not a
 lambda, a nested function or a function defined in a notebook cell); its arguments and its result must be
 picklable. The workers do not depend on how this process was started (Jupyter kernel, pytest, a script without
-``if __name__ == "__main__"``): one fresh Python process (``python -c ...``) imports torch once and forks the
-``world_size`` workers from it (POSIX only), so starting 4 workers costs about one ``import torch``, not four.
-They inherit the environment; they talk to this process over pipes and to each other through gloo (or NCCL,
-one GPU per rank), rendezvousing through a file (no TCP port to pick).
+``if __name__ == "__main__"``): one fresh Python process (``python -c ...``) imports torch and moe_lab once and
+forks the ``world_size`` workers from it (POSIX only), so starting 4 workers costs about one ``import torch``,
+not four. They inherit the environment; they talk to this process over pipes and to each other through gloo (or
+NCCL, one GPU per rank), rendezvousing through a file (no TCP port to pick).
 
 Failures never hang the caller: a rank that raises makes ``run`` raise :class:`WorkerError` naming the rank,
 with that rank's traceback; a call that has not finished after ``timeout`` seconds (typically a rank waiting in
@@ -288,6 +288,8 @@ def _zygote_main(argv: list[str]) -> None:
     """``argv = [folder, fd_0, ..., fd_{P-1}]``: import torch once, fork one worker per pipe, wait for them."""
     import torch  # noqa: F401  (the expensive part, done once for all workers)
     import torch.distributed  # noqa: F401
+
+    import moe_lab.parallel  # noqa: F401  (what workers usually run; importing it starts no threads)
 
     folder, fds = argv[0], [int(fd) for fd in argv[1:]]
     children = []
