@@ -188,6 +188,6 @@ def _nccl_equals_single_process() -> float:
 
 
 def test_expert_parallel_over_nccl():
-    from moe_lab.parallel import run_local
+    from moe_lab.launch import run_local
 
     assert run_local(_nccl_equals_single_process, 1, backend="nccl") == [0.0]
