@@ -10,6 +10,8 @@ import types
 import pytest
 import torch
 
+import moe_lab
+
 from moe_lab.checks import REGISTRY, check, hint, integrity, run_check
 from moe_lab.checks.core import Case, Exercise, compare, describe
 from moe_lab.utils import seed_everything
@@ -289,6 +291,30 @@ def test_allowed_calls_pass(solutions, monkeypatch):
     monkeypatch.setattr(REGISTRY["02.2"], "allow", ("moe_lab.checks.nb02.topk_gating",))  # calls nested inside it
     result = run_check("02.2", uses_the_library)
     assert "called moe_lab.routing.softmax_topk" in result.message and "allows moe_lab.checks.nb02" in result.message
+
+
+def test_backward_of_allowed_library_code_is_allowed():
+    """Autograd runs a library Function's backward after the allowed forward returned: allowed; calling a
+    library backward whose forward never ran (here: directly) is not."""
+    from moe_lab.permute import _GatherSlots
+
+    layer = moe_lab.MoELayer(8, 16, 4, 2)
+
+    def trains(x):
+        y, _ = layer(x)
+        y.sum().backward()
+        return y
+
+    def direct(x):
+        _GatherSlots.backward(types.SimpleNamespace(saved_tensors=(torch.arange(2),), num_tokens=2, k=1), x)
+        return x
+
+    for fn, allowed in ((trains, True), (direct, False)):
+        guard = integrity.Guard(allow=("moe_lab.layer.MoELayer.forward",))
+        with guard:
+            fn(torch.randn(2, 8))
+        assert (guard.violation is None) == allowed, guard.violation
+    assert guard.violation == "called moe_lab.permute._GatherSlots.backward"
 
 
 def test_the_solutions_pass_under_the_guard(solutions):

@@ -258,6 +258,12 @@ def hook_all_threads() -> None:
     _patch_threads(True)
 
 
+def _owner(name: str) -> str:
+    """The class or enclosing function of a qualified name (``a.B.backward`` -> ``a.B``; ``a.f.<locals>.g`` -> ``a.f``)."""
+    owner = name.rsplit(".", 1)[0]
+    return owner[: -len(".<locals>")] if owner.endswith(".<locals>") else owner
+
+
 def is_allowed(name: str, allow: tuple[str, ...]) -> bool:
     """Whether the qualified name ``name`` is an entry of ``allow`` or lies under one (module or class prefix)."""
     return any(name == entry or name.startswith(entry + ".") for entry in allow)
@@ -277,6 +283,7 @@ class Guard:
         self.tamper: str | None = None
         self._canary_seen = False
         self._saved: list[tuple] = []
+        self._owners_ran: set[str] = set()
 
     def _kind(self, code):
         return TRUSTED if id(code) in _STATE.trusted else self.table.lookup(code)
@@ -291,18 +298,33 @@ class Guard:
             self._canary_seen = True
             return
         kind = self._kind(code)
-        if kind is None or kind is TRUSTED or self.violation is not None or self._allowed(kind):
+        if kind is None or kind is TRUSTED or self.violation is not None:
+            return
+        if self._allowed(kind) or self._deferred(kind):
+            self._ran(kind)
             return
         caller = frame.f_back
         while caller is not None:
             outer = self._kind(caller.f_code)
             if outer is TRUSTED:
                 break
-            if outer is not None and self._allowed(outer):
+            if outer is not None and (self._allowed(outer) or self._deferred(outer)):
+                self._ran(kind)
                 return
             caller = caller.f_back
         name, genuine = kind
         self._violate(f"called {name}" + ("" if genuine else " (moe_lab code changed since it was loaded)"))
+
+    def _ran(self, kind) -> None:
+        """Remember that allowed moe_lab code ran (and its class or enclosing function), for :meth:`_deferred`."""
+        name = kind[0]
+        self._owners_ran.update((name, _owner(name)))
+
+    def _deferred(self, kind) -> bool:
+        """A ``backward`` or a closure (a gradient hook) of moe_lab code that already ran, allowed, in this guard:
+        autograd calls it later, outside the allowed caller, on the graph that allowed code built."""
+        name, genuine = kind
+        return genuine and (name.endswith(".backward") or ".<locals>." in name) and _owner(name) in self._owners_ran
 
     def _violate(self, what: str) -> None:
         if self.violation is None:
