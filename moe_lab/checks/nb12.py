@@ -108,17 +108,21 @@ def _sigmoid_cases(hidden: bool) -> list[Case]:
     return cases
 
 
+def _kept_groups(grouped, topk_groups, group_score):
+    """``[T, G]`` bool: the best ``topk_groups`` groups of ``grouped: [T, G, E/G]`` (for the mistakes below)."""
+    g = grouped.amax(-1) if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+    return torch.zeros_like(g, dtype=torch.bool).scatter(1, g.topk(topk_groups, dim=-1).indices, True)
+
+
 def _masked_with_zero(scores, k, n_groups, topk_groups, group_score):
     grouped = scores.view(scores.shape[0], n_groups, -1)
-    g = grouped.amax(-1) if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter(1, g.topk(topk_groups, dim=-1).indices, True)
+    keep = _kept_groups(grouped, topk_groups, group_score)
     return grouped.masked_fill(~keep.unsqueeze(-1), 0.0).view_as(scores).topk(k, dim=-1)
 
 
 def _strided_groups(scores, k, n_groups, topk_groups, group_score):
     grouped = scores.view(scores.shape[0], -1, n_groups).transpose(1, 2)  # expert e in group e % n_groups
-    g = grouped.amax(-1) if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter(1, g.topk(topk_groups, dim=-1).indices, True)
+    keep = _kept_groups(grouped, topk_groups, group_score)
     masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).transpose(1, 2).reshape(scores.shape)
     return masked.topk(k, dim=-1)
 
