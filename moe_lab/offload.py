@@ -119,9 +119,9 @@ class ExpertCache:
         """Serve one forward pass that needs ``experts`` (any order, repeats allowed) -> ``(expert, slot, load)``
         in execution order: hits first, then misses in increasing id, each loaded into ``slot``."""
         needed = sorted(set(self._check(experts)))
-        hits = [e for e in needed if e in self.slot]
+        hits = {e for e in needed if e in self.slot}
         plan = []
-        for e in hits:
+        for e in sorted(hits):
             self._touch(e)
             self.freq[e] += 1
             if e in self.prefetched:
@@ -130,7 +130,7 @@ class ExpertCache:
             plan.append((e, self.slot[e], False))
         protect = set(needed)
         for e in needed:
-            if e not in self.slot:
+            if e not in hits:  # a hit evicted by an earlier miss of this step has already run
                 slot = self._load(e, protect)
                 self._touch(e)
                 self.freq[e] += 1
