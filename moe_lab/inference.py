@@ -42,16 +42,27 @@ class RoutingTrace:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
         return [c for c, e in enumerate(self.experts[layer]) if not decode_only or e.shape[-2] == 1]
 
-    def steps(self, layer: int, *, decode_only: bool = True) -> list[list[int]]:
-        """Distinct experts each call of MoE layer ``layer`` used, sorted (``decode_only``: calls of one
-        position per sequence, i.e. decode steps, skipping the prefill)."""
-        return [sorted(set(self.experts[layer][c].reshape(-1).tolist())) for c in self._calls(layer, decode_only)]
+    def _pick(self, t: torch.Tensor, sequence: int | None) -> torch.Tensor:
+        if sequence is None:
+            return t
+        if not 0 <= sequence < t.shape[0]:
+            raise ValueError(f"sequence must be in [0, {t.shape[0]}) (the batch), got {sequence}")
+        return t[sequence]
 
-    def guess_steps(self, layer: int, *, decode_only: bool = True) -> list[list[int]] | None:
+    def steps(self, layer: int, *, decode_only: bool = True, sequence: int | None = None) -> list[list[int]]:
+        """Distinct experts each call of MoE layer ``layer`` used, sorted (``decode_only``: calls of one
+        position per sequence, i.e. decode steps, skipping the prefill; ``sequence``: only that sequence of the
+        batch, as if it had been generated alone; None: the union over the batch)."""
+        return [sorted(set(self._pick(self.experts[layer][c], sequence).reshape(-1).tolist()))
+                for c in self._calls(layer, decode_only)]
+
+    def guess_steps(self, layer: int, *, decode_only: bool = True,
+                    sequence: int | None = None) -> list[list[int]] | None:
         """The prefetch guesses for the calls of :meth:`steps` (most likely first); None for the first layer."""
         if not self.guesses[layer]:
             return None
-        return [prefetch_order(self.guesses[layer][c].reshape(-1, self.k)) for c in self._calls(layer, decode_only)]
+        return [prefetch_order(self._pick(self.guesses[layer][c], sequence).reshape(-1, self.k))
+                for c in self._calls(layer, decode_only)]
 
     def tokens(self, layer: int, *, decode_only: bool = False) -> torch.Tensor:
         """``[N, k]`` experts of every token of the recorded calls of MoE layer ``layer``."""
@@ -66,15 +77,15 @@ class RoutingTrace:
         guess = torch.cat([self.guesses[layer][c].reshape(-1, self.k) for c in calls])
         return float((used[:, :, None] == guess[:, None, :]).any(-1).float().mean())
 
-    def simulate(self, capacity: int, policy: Policy = "lru", *, prefetch: bool = False,
-                 decode_only: bool = True) -> CacheStats:
+    def simulate(self, capacity: int, policy: Policy = "lru", *, prefetch: bool = False, decode_only: bool = True,
+                 sequence: int | None = None) -> CacheStats:
         """Replay the decode steps of every layer through an expert cache of ``capacity`` slots per layer
-        (:func:`moe_lab.offload.simulate_cache`) -> counts summed over layers."""
+        (:func:`moe_lab.offload.simulate_cache`; ``sequence`` as in :meth:`steps`) -> counts summed over layers."""
         total = CacheStats()
         for layer in range(self.num_layers):
-            guesses = self.guess_steps(layer, decode_only=decode_only) if prefetch else None
-            total = total + simulate_cache(self.steps(layer, decode_only=decode_only), self.num_experts, capacity,
-                                           policy, guesses)
+            steps = self.steps(layer, decode_only=decode_only, sequence=sequence)
+            guesses = self.guess_steps(layer, decode_only=decode_only, sequence=sequence) if prefetch else None
+            total = total + simulate_cache(steps, self.num_experts, capacity, policy, guesses)
         return total
 
 

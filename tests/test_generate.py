@@ -139,6 +139,12 @@ def test_routing_trace_records_every_call_and_layer():
     steps = trace.steps(1)
     assert len(steps) == 3 and all(s == sorted(set(s)) and 2 <= len(s) <= 4 for s in steps)
     assert len(trace.steps(1, decode_only=False)) == 4
+    for c, step in enumerate(trace.steps(1, sequence=1)):  # one sequence alone: its own k experts
+        assert step == sorted(trace.experts[1][c + 1][1, 0].tolist())
+    both = [trace.simulate(2, sequence=b) for b in (0, 1)]
+    assert both[0].accesses + both[1].accesses == 3 * 3 * 2 * 2  # layers x decode steps x sequences x k
+    with pytest.raises(ValueError, match="sequence"):
+        trace.steps(0, sequence=2)
     assert trace.tokens(0).shape == (2 * 5 + 2 * 3, 2)
     # guesses: layer 1's router on layer 0's MoE input, top-2 of the softmax
     h = {}
