@@ -42,6 +42,17 @@ class RoutingTrace:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
         return [c for c, e in enumerate(self.experts[layer]) if not decode_only or e.shape[-2] == 1]
 
+    def per_position(self) -> "RoutingTrace":
+        """The same routing with every call split into one call per position (``[B, L, k]`` -> ``L`` calls of
+        ``[B, 1, k]``): the steps a token-by-token decode of the same text would have taken, since a causal model
+        with dropless MoE layers routes each position the same way in both (e.g. a trace of an evaluation
+        forward pass over real text, replayed as decoding)."""
+        def split(calls: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [c[:, t:t + 1] for c in calls for t in range(c.shape[1])]
+
+        return RoutingTrace(self.num_experts, self.k, [split(c) for c in self.experts],
+                            [split(c) for c in self.guesses])
+
     def _pick(self, t: torch.Tensor, sequence: int | None) -> torch.Tensor:
         if sequence is None:
             return t

@@ -128,7 +128,7 @@ def test_routing_trace_records_every_call_and_layer():
     model = small("mixtral")
     prompt = torch.randint(0, 256, (2, 5))
     with record_routing(model) as trace:
-        model.generate(prompt, 4)
+        tokens = model.generate(prompt, 4)
     assert trace.num_layers == 3 and (trace.num_experts, trace.k) == (8, 2)
     assert [tuple(e.shape) for e in trace.experts[0]] == [(2, 5, 2)] + [(2, 1, 2)] * 3  # prefill + 3 decode calls
     assert trace.guesses[0] == [] and len(trace.guesses[1]) == 4
@@ -145,6 +145,15 @@ def test_routing_trace_records_every_call_and_layer():
     assert both[0].accesses + both[1].accesses == 3 * 3 * 2 * 2  # layers x decode steps x sequences x k
     with pytest.raises(ValueError, match="sequence"):
         trace.steps(0, sequence=2)
+    # an evaluation pass over the generated text, split per position, is the generation's routing
+    with record_routing(model) as evaluation:
+        model(tokens[:, :-1])
+    replay = evaluation.per_position()
+    for layer in range(3):
+        prefill = [sorted(trace.experts[layer][0][1, t].tolist()) for t in range(5)]
+        assert replay.steps(layer, sequence=1) == prefill + trace.steps(layer, sequence=1)
+        expected = None if layer == 0 else [g[0, t].tolist() for g in trace.guesses[layer] for t in range(g.shape[1])]
+        assert replay.guess_steps(layer, sequence=0) == expected
     assert trace.tokens(0).shape == (2 * 5 + 2 * 3, 2)
     # guesses: layer 1's router on layer 0's MoE input, top-2 of the softmax
     h = {}
