@@ -143,19 +143,25 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.codes(), q.scale.reshape(w.shape[-1])
 
 
+def _symmetric(w, dim, divisor, low, high, rounding=torch.round):
+    """Codes and scales of a symmetric quantizer with its constants exposed (to build the known mistakes)."""
+    scale = (w.abs().amax(dim=dim, keepdim=True) / divisor).clamp(min=torch.finfo(torch.float32).tiny)
+    return rounding(w / scale).clamp(low, high), scale
+
+
 def _int8_per_row(w):
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    codes, scale = _symmetric(w, 1, 127, -127, 127)
+    return codes.to(torch.int8), scale.reshape(-1)
 
 
 def _int8_128(w):
-    scale = (w.abs().amax(dim=0) / 128).clamp(min=torch.finfo(torch.float32).tiny)
-    return (w / scale).round().clamp(-128, 127).to(torch.int8), scale
+    codes, scale = _symmetric(w, 0, 128, -128, 127)
+    return codes.to(torch.int8), scale.reshape(-1)
 
 
 def _int8_truncate(w):
-    scale = (w.abs().amax(dim=0) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return (w / scale).trunc().to(torch.int8), scale
+    codes, scale = _symmetric(w, 0, 127, -127, 127, torch.trunc)
+    return codes.to(torch.int8), scale.reshape(-1)
 
 
 @exercise("09.3", function="quantize_int8_per_channel", title="int8 per-channel quantization", points=2,
@@ -189,10 +195,8 @@ def _int4_groups_along_output(w, group_size):
 
 
 def _int4_range_8(w, group_size):
-    d_in, d_out = w.shape
-    g = w.reshape(d_in // group_size, group_size, d_out)
-    scale = (g.abs().amax(dim=1, keepdim=True) / 8).clamp(min=torch.finfo(torch.float32).tiny)
-    return ((g / scale).round().clamp(-8, 7) * scale).reshape(d_in, d_out)
+    codes, scale = _symmetric(w.reshape(-1, group_size, w.shape[1]), 1, 8, -8, 7)
+    return (codes * scale).reshape(w.shape)
 
 
 def _int4_per_channel(w, group_size):
