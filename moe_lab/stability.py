@@ -102,14 +102,18 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = to
 
 
 @torch.no_grad()
-def routing_flips(x: torch.Tensor, weight: torch.Tensor, k: int, dtype: torch.dtype = torch.bfloat16
-                  ) -> FlipStats:
+def routing_flips(x: torch.Tensor, weight: torch.Tensor, k: int, dtype: torch.dtype = torch.bfloat16,
+                  offset: float = 0.0) -> FlipStats:
     """Route the router inputs ``x: [T, d]`` with ``weight: [E, d]`` once in float32 and once with the router
-    matmul and the softmax in ``dtype`` (``MoELayer(router_dtype=dtype)``); compare the decisions."""
+    matmul and the softmax in ``dtype`` (``MoELayer(router_dtype=dtype)``); compare the decisions.
+
+    ``offset`` adds the same number to every logit (computed in each precision, so the low-precision logits are
+    rounded again): the softmax ignores it in exact arithmetic, ``dtype``'s spacing at ``offset`` does not.
+    """
     _check_format(dtype)
     check_k(k, weight.shape[0])
-    ref = router_logits(x, weight)
-    low = router_logits(x, weight, dtype)
+    ref = router_logits(x, weight) + offset
+    low = router_logits(x, weight, dtype) + offset
     p_ref, _, e_ref = softmax_topk(ref, k)
     p_low, _, e_low = softmax_topk(low, k, dtype=dtype)
     return FlipStats(flip_rate=topk_flips(ref, low, k),

@@ -83,17 +83,29 @@ def test_routing_flips_measure_what_a_low_precision_layer_does():
         layer32.router.weight.mul_(20)  # large logits: bf16 rounding matters
         layer16.load_state_dict(layer32.state_dict())
     x = torch.randn(1000, 32)
-    _, info32 = layer32(x)
-    _, info16 = layer16(x)
+    with torch.no_grad():
+        _, info32 = layer32(x)
+        _, info16 = layer16(x)
     changed = [set(a.tolist()) != set(b.tolist()) for a, b in zip(info32.experts, info16.experts)]
     stats = routing_flips(x, layer32.router.weight, 2, torch.bfloat16)
     assert stats.flip_rate == pytest.approx(sum(changed) / len(changed)) and stats.flip_rate > 0
     assert stats.top1_flip_rate == pytest.approx(float((info32.experts[:, 0] != info16.experts[:, 0]).float().mean()))
-    assert stats.prob_error == pytest.approx(float((info16.probs.float() - info32.probs).detach().abs().amax(-1).mean()))
+    assert stats.prob_error == pytest.approx(float((info16.probs.float() - info32.probs).abs().amax(-1).mean()))
     assert stats.mean_lse == pytest.approx(float(info32.logits.double().exp().sum(-1).log().mean()), rel=1e-5)
     assert stats.max_abs_logit == pytest.approx(float(info32.logits.abs().max()))
     same = routing_flips(x, layer32.router.weight, 2, torch.float32)
     assert same.flip_rate == same.prob_error == 0.0
+
+
+def test_a_common_offset_is_rounded_in_the_low_precision():
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(500, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    ref = x @ weight.T
+    low = (x.bfloat16() @ weight.bfloat16().T) + torch.tensor(300.0, dtype=torch.bfloat16)  # rounded again
+    stats = routing_flips(x, weight, 2, torch.bfloat16, offset=300.0)
+    assert stats.flip_rate == pytest.approx(slow_flips(ref + 300.0, low.float(), 2))
+    assert stats.flip_rate > 10 * routing_flips(x, weight, 2, torch.bfloat16).flip_rate  # spacing 2 at 300
+    assert stats.mean_lse == pytest.approx(float((ref.double() + 300).exp().sum(-1).log().mean()), rel=1e-6)
 
 
 def test_switch_init_matches_a_truncated_normal():
@@ -108,8 +120,8 @@ def test_switch_init_matches_a_truncated_normal():
     for weight, fan_in in ((block.attn.q.weight, 64), (block.ffn.router.weight, 64), (block.ffn.experts.w1, 64),
                            (block.ffn.experts.w2, 128), (model.lm_head.weight, 64)):
         std = math.sqrt(0.1 / fan_in)
-        assert float(weight.std()) == pytest.approx(shrink * std, rel=0.05)
-        assert float(weight.abs().max()) <= 2 * std + 1e-7
+        assert float(weight.detach().std()) == pytest.approx(shrink * std, rel=0.05)
+        assert float(weight.detach().abs().max()) <= 2 * std + 1e-7
     assert torch.equal(model.embed.weight, embed) and torch.equal(model.norm.weight, norm)
     with pytest.raises(ValueError, match="scale must be"):
         switch_init_(model, 0.0)

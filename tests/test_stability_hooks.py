@@ -13,16 +13,10 @@ from moe_lab.model import MoETransformer, toy_config
 from moe_lab.stability import topk_flips
 from moe_lab.train import train
 
+from .test_train import _one_thread  # noqa: F401  (autouse: tiny models train fastest on one thread)
+
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64)
 DATA = stdlib_corpus(20_000)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_model(**overrides) -> MoETransformer:
