@@ -29,8 +29,8 @@ from .permute import combine_slots, gather_slots
 from .routing import check_experts
 from .utils import compute_dtype
 
-DropPolicy = Literal["position", "probability"]
-DROP_POLICIES = ("position", "probability")
+DropPolicy = Literal["position", "probability", "batch_priority"]
+DROP_POLICIES = ("position", "probability", "batch_priority")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int = 1) -> int:
@@ -54,6 +54,8 @@ def _priority_order(experts: torch.Tensor, probs: torch.Tensor | None, policy: s
 
     ``"position"``: every token's first choice (in token order) before any second choice (Switch/GShard).
     ``"probability"``: highest router probability first; ties keep the position order.
+    ``"batch_priority"`` (V-MoE's batch prioritized routing, Riquelme et al. 2021): tokens sorted by their top-1
+    probability (highest first, ties in token order), then every first choice before any second choice.
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {policy!r}")
@@ -61,7 +63,11 @@ def _priority_order(experts: torch.Tensor, probs: torch.Tensor | None, policy: s
     if policy == "position":
         return torch.arange(n, device=experts.device)
     if probs is None or probs.shape != experts.shape:
-        raise ValueError(f"drop_policy='probability' needs probs of shape {tuple(experts.shape)} (one per slot)")
+        raise ValueError(f"drop_policy={policy!r} needs probs of shape {tuple(experts.shape)} (one per slot)")
+    if policy == "batch_priority":
+        num_tokens, k = experts.shape
+        tokens = torch.sort(probs.detach().float().amax(dim=1), descending=True, stable=True).indices
+        return (torch.arange(k, device=experts.device)[:, None] * num_tokens + tokens).reshape(-1)
     return torch.sort(probs.detach().float().T.reshape(-1), descending=True, stable=True).indices
 
 
@@ -70,7 +76,8 @@ def queue_positions(
 ) -> torch.Tensor:
     """Where each token-slot stands in its expert's queue (0 = served first) under a priority policy.
 
-    experts: ``[T, k]``; probs: ``[T, k]`` router probability of each selected slot (for ``"probability"``)
+    experts: ``[T, k]``; probs: ``[T, k]`` router probability of each selected slot (for ``"probability"``
+    and ``"batch_priority"``)
     -> ``[T, k]`` int64. A slot is kept under capacity ``C`` iff its position is ``< C``.
     """
     check_experts(experts, num_experts)
@@ -97,7 +104,8 @@ def capacity_mask(
     """Which token-slots fit into ``capacity`` slots per expert. -> ``keep: [T, k]`` bool.
 
     Priority ``"position"`` (Switch, GShard): first choices of all tokens, in token order, then second
-    choices, ...; ``"probability"``: slots with the highest router probability ``probs: [T, k]`` first.
+    choices, ...; ``"probability"``: slots with the highest router probability ``probs: [T, k]`` first;
+    ``"batch_priority"`` (V-MoE): as ``"position"``, with tokens ordered by their top-1 probability.
     No expert ever keeps more than ``capacity`` slots.
     """
     if capacity < 0:

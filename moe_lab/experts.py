@@ -39,6 +39,14 @@ def fused_grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
+def grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor, fused: bool | None = None) -> str:
+    """A short name of what ``grouped_mm(x, w, counts, fused=fused)`` runs on these operands on this machine:
+    ``"F.grouped_mm (fused)"`` or ``"per-group matmuls (fallback)"``."""
+    if fused is None:
+        fused = x.device.type != "cpu" and fused_grouped_mm_usable(x, w)
+    return "F.grouped_mm (fused)" if fused else "per-group matmuls (fallback)"
+
+
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     # grouped_mm's backward rejects expanded (stride-0) gradients such as the one ``out.sum()`` sends.
     if t.requires_grad:

@@ -80,6 +80,8 @@ def balancing_experiment(alpha: float, seed: int, steps: int = 100) -> bool:
 
 @exercise("04.5", function="balancing_experiment", title="Run the collapse experiment", points=2,
           reference=balancing_experiment,
+          allow=("moe_lab.balancing", "moe_lab.layer.MoELayer.forward", "moe_lab.permute._GatherSlots.backward",
+                 "moe_lab.permute._SumSlots.backward", "moe_lab.experts._contiguous_grad"),
           hint="one training step: out, info = layer(x); loss = mean squared error + alpha * info.aux_loss; "
                "optimizer.zero_grad(); loss.backward(); optimizer.step()")
 def _experiment_cases(hidden: bool) -> list[Case]:
