@@ -201,7 +201,7 @@ def _nan_only(router_logits, loss, grad_norm):
         return "loss"
     if grad_norm is not None and bool(torch.isnan(grad_norm).any()):
         return "gradient norm"
-    return None
+    return None  # misses +-inf
 
 
 @exercise("10.5", function="first_nonfinite", title="A NaN guard's check", points=1, reference=first_nonfinite,
@@ -222,10 +222,11 @@ def _nan_cases(hidden: bool) -> list[Case]:
 
     nan, inf, ok = math.nan, math.inf, torch.tensor(2.5)
     cases = [Case("all finite", (logits(), torch.tensor([3.1, 3.2]), ok)),
-             Case("NaN router logits (and so a NaN loss)", (poisoned(nan), torch.tensor([nan, 3.2]), ok)),
-             Case("NaN loss", (logits(), torch.tensor([3.0, nan]), ok))]
+             Case("inf router logits (and so an inf loss)", (poisoned(inf), torch.tensor([inf, 3.2]), ok)),
+             Case("inf loss", (logits(), torch.tensor([3.0, -inf]), ok))]
     if hidden:
-        cases += [Case("inf router logits", (poisoned(-inf, 0), torch.tensor([3.0]), ok)),
+        cases += [Case("NaN router logits", (poisoned(nan, 0), torch.tensor([nan]), ok)),
+                  Case("NaN loss", (logits(), torch.tensor([3.0, nan]), ok)),
                   Case("inf gradient norm", (logits(), torch.tensor([3.0]), torch.tensor(inf))),
                   Case("clipping off: no gradient norm", (logits(3), torch.tensor([2.0, 2.0]), None)),
                   Case("no MoE layers, inf loss", ([], torch.tensor([inf]), torch.tensor(nan))),
