@@ -88,7 +88,7 @@ def test_gradient_cases_catch_detached_answers():
     def detached(expert_outputs, gates):
         return torch.einsum("te,etd->td", gates, expert_outputs).detach()
 
-    result = run_check("01.4", detached)
+    result = run_check("01.3", detached)
     assert result.status == "failed" and "not differentiable" in result.message
 
 
