@@ -137,10 +137,11 @@ def _limited_topk(sel: torch.Tensor, k: int, n_groups: int, topk_groups: int, gr
     """Top-k of ``sel: [T, E]`` among the experts of each token's best ``topk_groups`` groups, the groups scored
     on ``group_sel`` (default ``sel``); the other experts are masked with ``-inf``."""
     if n_groups > 1 and topk_groups < n_groups:
+        size = sel.shape[1] // n_groups
         scores = _group_scores(sel if group_sel is None else group_sel, n_groups, group_score, log_space)
         kept = scores.topk(topk_groups, dim=-1).indices  # [T, topk_groups]
         masked = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)  # [T, n_groups]
-        grouped = sel.view(sel.shape[0], n_groups, sel.shape[1] // n_groups).masked_fill(masked.unsqueeze(-1), float("-inf"))
+        grouped = sel.view(sel.shape[0], n_groups, size).masked_fill(masked.unsqueeze(-1), float("-inf"))
         sel = grouped.view_as(sel)
     values, experts = sel.topk(k, dim=-1)
     return values, experts
@@ -292,9 +293,10 @@ def sigmoid_topk(
         _, experts = _limited_topk(logits, k, n_groups, topk_groups, group_score, group_sel, log_space=True)
     else:
         _, experts = _limited_topk(_selection(scores, bias), k, n_groups, topk_groups, group_score)
-    gates = scores.gather(1, experts)
-    if renormalize and k > 1:
-        gates = _normalize(gates)
+    if renormalize and k > 1:  # s_i / sum_j s_j as a softmax of log s_i: exact where every selected s_i underflows
+        gates = F.logsigmoid(logits.gather(1, experts)).softmax(dim=-1)
+    else:
+        gates = scores.gather(1, experts)
     return scores, _scaled(gates, routed_scaling_factor), experts
 
 
