@@ -185,6 +185,17 @@ class MoELayer(nn.Module):
         scores, gates, experts = sigmoid_topk(logits, c.k, renormalize=c.renormalize, **common)
         return scores, normalized_scores(scores), gates, experts
 
+    def _check_input_values(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Raise unless ``tokens`` are finite and small enough for finite router logits (where :func:`reads_values`
+        allows; non-finite logits from finite weights and input mean the input is too large)."""
+        if not reads_values(tokens):
+            return
+        check_finite("x", tokens)
+        if not bool(torch.isfinite(logits).all()) and bool(torch.isfinite(self.router.weight).all()):
+            raise ValueError(f"x is too large: |x| up to {float(tokens.detach().abs().max()):.3g} overflows the router "
+                             f"logits in {logits.dtype} (largest finite value {torch.finfo(logits.dtype).max:.3g}); "
+                             "normalise x")
+
     def _check_output(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Raise where a finite ``x`` gave a NaN or infinite output (checked where :func:`reads_values` allows)."""
         if reads_values(y) and not bool(torch.isfinite(y.detach()).all()):
@@ -211,7 +222,7 @@ class MoELayer(nn.Module):
             clean, noise_std, logits = self.router(router_in)
         else:
             logits = self.router(router_in, c.router_dtype)
-        check_finite("x", tokens)  # after the router, so a router hook sees its output first
+        self._check_input_values(tokens, logits)  # after the router, so a router hook sees its output first
         scores, probs, gates, experts = self._gate(logits)
         counts = tokens_per_expert(experts, c.num_experts)
         if self.load_counts is not None and self.training and torch.is_grad_enabled():
