@@ -25,7 +25,7 @@ import torch
 
 from .experts import Experts
 from .metrics import tokens_per_expert
-from .permute import combine_slots, gather_slots
+from .permute import gather_slots, sum_slots
 from .routing import check_experts, check_k
 from .utils import compute_dtype
 from .validation import check_finite, check_int, check_number, check_tensor
@@ -143,17 +143,20 @@ def sort_by_expert(
 def dispatch_loop(
     x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, ffns: Experts, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Reference: for each expert, gather its (kept) tokens, run it, add the gated outputs back."""
+    """Reference: for each expert that got tokens, gather its (kept) tokens, run it, add the gated outputs back
+    (Hugging Face's eager Mixtral loop; the sum is in float32)."""
     check_experts(experts, ffns.num_experts)
+    chosen = experts if keep is None else torch.where(keep, experts, ffns.num_experts)  # dropped: no expert
+    dtype = compute_dtype(x)
+    weights = ffns.expert_weights(dtype)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(ffns.num_experts):
-        chosen = experts == e if keep is None else (experts == e) & keep
-        token_idx, slot = torch.where(chosen)
-        if token_idx.numel() == 0:
+    for e in torch.unique(chosen).tolist():
+        if e == ffns.num_experts:
             continue
-        out = ffns.forward_one(e, x[token_idx])
-        y = y.index_add(0, token_idx, out.float() * gates[token_idx, slot, None].float())
-    return y.to(compute_dtype(x))
+        token_idx, slot = torch.where(chosen == e)
+        out = ffns.mlp(x[token_idx].to(dtype), *weights[e])
+        y.index_add_(0, token_idx, out.float() * gates[token_idx, slot, None].float())
+    return y.to(dtype)
 
 
 def dispatch_sorted(
@@ -165,14 +168,17 @@ def dispatch_sorted(
     *,
     fused: bool | None = None,
 ) -> torch.Tensor:
-    """Fast path: one permutation, grouped GEMMs, one inverse permutation, a weighted sum over k.
+    """Fast path: one permutation, grouped GEMMs with the gate multiply folded in, one inverse permutation and
+    a sum over k.
 
     Dropped slots are left out of the GEMMs and their rows stay exactly zero.
     """
     num_tokens, k = experts.shape
     order, counts = sort_by_expert(experts, ffns.num_experts, keep)
-    h = ffns.forward_grouped(gather_slots(x.to(compute_dtype(x)), order, k), counts, fused=fused)  # [S, d]
-    return combine_slots(h, order, gates)  # back to token order, gate-weighted sum over k in float32
+    slot_gates = gates.reshape(-1).index_select(0, order)
+    h = ffns.forward_grouped(gather_slots(x.to(compute_dtype(x)), order, k), counts, fused=fused,
+                             scale=slot_gates)  # [S, d], gate-weighted
+    return sum_slots(h, order, num_tokens, k)  # back to token order, summed over k in float32
 
 
 def dispatch_onehot(

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -53,49 +53,66 @@ def _widget_notebooks() -> list[str]:
 NOTEBOOKS = _widget_notebooks()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _server_url(runtime: Path, pid: int) -> str | None:
+    """The URL the server with ``pid`` wrote to its runtime file once it listens (its port is its own choice)."""
+    info = runtime / f"jpserver-{pid}.json"
+    try:
+        return json.loads(info.read_text())["url"].rstrip("/")
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server on a free localhost port, with a token, serving a temporary copy of notebooks/."""
+    """A JupyterLab server on localhost with a token, serving a temporary copy of notebooks/. The server picks its own
+    free port (a port chosen here could be taken by another test's kernel before the server binds it)."""
     tmp = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", tmp / "notebooks")
     (tmp / "app_settings").mkdir()
     (tmp / "app_settings" / "overrides.json").write_text(json.dumps(TEST_SETTINGS))
-    port, token = _free_port(), uuid.uuid4().hex
+    token, runtime = uuid.uuid4().hex, tmp / "runtime"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "JUPYTER_CONFIG_DIR": str(tmp / "config"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp / "user_settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "workspaces"),
-           "JUPYTER_RUNTIME_DIR": str(tmp / "runtime")}
+           "JUPYTER_RUNTIME_DIR": str(runtime)}
     log = open(tmp / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
-         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={tmp / 'notebooks'}", f"--LabApp.app_settings_dir={tmp / 'app_settings'}",
-         "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None"],
+         f"--ServerApp.port={random.randint(20000, 60000)}", "--ServerApp.port_retries=200",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp / 'notebooks'}",
+         f"--LabApp.app_settings_dir={tmp / 'app_settings'}", "--LabApp.expose_app_in_browser=True",
+         "--LabApp.news_url=None"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
+            base = _server_url(runtime, server.pid)
             try:
-                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-                break
+                if base:
+                    urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                    break
             except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"jupyter lab did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"jupyter lab did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
         yield {"base": base, "token": token, "root": tmp / "notebooks"}
     finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
+        _stop(server)
         log.close()
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """Stop the server's whole process group (its kernels too); nothing to do where it has already exited."""
+    for sig, wait in ((15, 20), (9, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.fixture(scope="module")
