@@ -28,13 +28,11 @@ def test_case_ids_are_unique():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.xfail(strict=True, reason="grouped_mm does not check its counts (issue 16 section 3; experts.py belongs "
-                                       "to the performance work): remove this mark once it raises")
 @pytest.mark.parametrize("counts", [[1, 1, 4], [1, 1], [2, 2]], ids=["3 groups for 2 matrices", "4 rows of 6",
                                                                      "4 rows of 6 in 2 groups"])
 def test_grouped_mm_rejects_counts_that_do_not_match_its_operands(counts):
-    """``counts`` needs one entry per matrix of ``w``, summing to the rows of ``x``; today ``[1, 1, 4]`` silently
-    drops the third group (a [2, 2] result for 6 rows) and the others fail inside torch.split."""
+    """``counts`` needs one entry per matrix of ``w``, summing to the rows of ``x`` (``[1, 1, 4]`` once silently
+    dropped the third group: a [2, 2] result for 6 rows)."""
     from moe_lab.experts import grouped_mm
 
     with pytest.raises(ValueError, match="counts"):
