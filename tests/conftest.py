@@ -17,6 +17,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from moe_lab import seed_everything
 
+try:  # nbval waits 5 s at most between a cell's output messages (not configurable); a loaded 2-core machine can
+    # miss that after a long training cell, failing a correct notebook: wait up to a minute (a cell's own time limit
+    # is still --nbval-cell-timeout).
+    from nbval.plugin import IPyNbCell
+
+    _nbval_cell_init = IPyNbCell.__init__
+
+    def _patient_cell_init(self, *args, **kwargs):
+        _nbval_cell_init(self, *args, **kwargs)
+        self.output_timeout = 60
+
+    IPyNbCell.__init__ = _patient_cell_init
+except ImportError:  # nbval not installed: no notebook tests
+    pass
+
 # Property-based tests (tests/test_properties_*.py): the same examples on every run (derandomize, no example
 # database written into the repository), a modest number of them, and no per-example deadline, which a loaded
 # 2-core CI machine would miss at random. HYPOTHESIS_PROFILE=thorough searches harder (locally, not in CI).

@@ -66,7 +66,9 @@ def _visible_only(ex_id: str, solution):
     ex = REGISTRY[ex_id]
 
     def signature(args):
-        return [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+        if isinstance(args, (list, tuple)):
+            return [signature(a) for a in args]
+        return (tuple(args.shape), args.dtype) if isinstance(args, torch.Tensor) else args
 
     seed_everything(SEED)
     visible = [signature(case.args) for case in ex.cases(False)]
