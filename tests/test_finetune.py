@@ -1,0 +1,104 @@
+"""Fine-tuning helpers: parameter groups (sizes against the parameter calculator), freezing by group (frozen
+tensors bit-identical after training steps, weight decay included), changing MoE options on a built model,
+and the second text domain."""
+import pytest
+import torch
+
+from moe_lab.calculator import count_params
+from moe_lab.data import pydoc_corpus, stdlib_corpus
+from moe_lab.finetune import GROUPS, configure_moe, count_parameters, moe_layers_of, parameter_groups, set_trainable
+from moe_lab.model import MoETransformer, toy_config
+from moe_lab.train import evaluate, train
+
+
+def small(name: str = "deepseek_v1", **overrides) -> MoETransformer:
+    return MoETransformer(toy_config(name, d_model=32, n_heads=2, n_layers=3, **overrides))
+
+
+@pytest.mark.parametrize("preset", ["mixtral", "glam", "deepseek_v1", "switch"])
+def test_groups_partition_the_parameters_with_the_calculators_sizes(preset):
+    model = small(preset)
+    groups = parameter_groups(model)
+    assert set(groups) == set(GROUPS)
+    sizes = {g: sum(p.numel() for p in ps.values()) for g, ps in groups.items()}
+    parts = count_params(model.cfg.arch()).components  # name -> (total, active)
+    assert sizes["router"] == parts["router"][0]
+    assert sizes["moe"] == parts["router"][0] + parts["routed_experts"][0] + parts["shared_experts"][0]
+    assert sizes["moe"] + sizes["non_moe"] == count_parameters(model) == count_params(model.cfg.arch()).total
+    assert set(groups["router"]) <= set(groups["moe"]) and not set(groups["moe"]) & set(groups["non_moe"])
+    assert list(groups["non_moe"])[0] == "embed.weight"  # named_parameters() order
+    assert all(".ffn.router." in n for n in groups["router"])
+
+
+def test_dense_model_is_all_non_moe():
+    groups = parameter_groups(small("dense"))
+    assert groups["moe"] == {} and groups["router"] == {} and len(groups["non_moe"]) > 0
+
+
+@pytest.mark.parametrize("recipe", ["all", "non_moe", "moe", "router", ("router", "non_moe")])
+def test_frozen_tensors_are_bit_identical_after_training(recipe):
+    model = small("deepseek_v1")
+    trainable = set_trainable(model, recipe)
+    groups = parameter_groups(model)
+    chosen = set(GROUPS) if recipe == "all" else {recipe} if isinstance(recipe, str) else set(recipe)
+    train_names = {n for g in chosen for n in groups[g]}
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in train_names)
+    assert trainable == count_parameters(model, trainable=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, stdlib_corpus(20_000), steps=3, batch_size=4, seq_len=16, lr=1e-2, weight_decay=0.1,
+          progress=False)
+    for n, p in model.named_parameters():
+        if n in train_names:
+            assert not torch.equal(p, before[n]), f"{n} should have trained"
+        else:
+            assert torch.equal(p, before[n]), f"{n} should be frozen"
+
+
+def test_set_trainable_bad_groups():
+    model = small()
+    for bad in ("experts", ["moe", "attention"], [], ""):
+        with pytest.raises(ValueError, match="groups must name"):
+            set_trainable(model, bad)
+
+
+def test_configure_moe_changes_every_layer_and_the_config():
+    model = small("mixtral", capacity_factor=1.0)
+    configure_moe(model, expert_dropout=0.3, eval_capacity_factor=None)
+    assert model.cfg.expert_dropout == 0.3 and model.cfg.eval_capacity_factor is None
+    for layer in moe_layers_of(model):
+        assert layer.config.expert_dropout == 0.3 and layer.experts.dropout == 0.3
+        assert layer.config.capacity_factor_eval is None
+    data = stdlib_corpus(20_000)
+    model.eval()
+    with torch.no_grad():
+        infos = model(data[:64].view(2, 32))[1]
+    assert all(i.drop_rate == 0 and i.capacity is None for i in infos)  # dropless at eval
+    model.train()
+    with torch.no_grad():
+        infos = model(data[:64].view(2, 32))[1]
+    assert all(i.capacity is not None for i in infos)
+    assert evaluate(model, data, batch_size=2, seq_len=16, batches=1) > 0
+
+
+def test_configure_moe_bad_input():
+    model = small("mixtral")
+    with pytest.raises(ValueError, match="expert_dropout"):
+        configure_moe(model, expert_dropout=1.5)
+    with pytest.raises(ValueError, match="cannot be changed"):
+        configure_moe(model, num_experts=4)
+    with pytest.raises(ValueError, match="cannot be changed"):
+        configure_moe(model, aux_coef=0.1)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        configure_moe(small("dense"), expert_dropout=0.1)
+    assert model.cfg.expert_dropout == 0 and all(m.config.expert_dropout == 0 for m in moe_layers_of(model))
+
+
+def test_pydoc_corpus_is_english_prose_and_deterministic():
+    data = pydoc_corpus(50_000)
+    assert data.dtype == torch.int64 and len(data) == 50_000 and 0 <= int(data.min()) and int(data.max()) < 256
+    assert torch.equal(data, pydoc_corpus(50_000))
+    text = bytes(data.tolist()).decode("utf-8", errors="replace")
+    assert " the " in text and "def " not in text[:2000]
+    assert not torch.equal(data[:1000], stdlib_corpus(1000))
+    with pytest.raises(ValueError, match="max_bytes"):
+        pydoc_corpus(0)
