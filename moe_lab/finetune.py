@@ -1,5 +1,6 @@
 """Fine-tuning helpers: parameter groups of an MoE model, freezing by group, and changing the MoE layers'
-options (expert dropout, training / eval capacity factor) of a built model.
+options (expert dropout, training / eval capacity factor) of a built model, and the constant learning rate that
+continued training and fine-tuning use (ST-MoE fine-tunes at a constant rate).
 
 Groups (ST-MoE, Zoph et al. 2022, Sec. 4: fine-tune all parameters, only the non-MoE ones, or only the MoE ones):
 
@@ -18,6 +19,7 @@ from dataclasses import fields, replace
 from torch import nn
 
 from .config import STRUCTURAL, MoEOptions
+from .hooks import TrainHook, TrainState
 from .layer import MoELayer
 
 GROUPS = ("moe", "non_moe", "router")
@@ -85,3 +87,22 @@ def configure_moe(model: nn.Module, **changes) -> None:
         layer.configure(**changes)
     if new_cfg is not None:
         model.cfg = new_cfg
+
+
+class ConstantLR(TrainHook):
+    """A :class:`moe_lab.hooks.TrainHook` that replaces :func:`moe_lab.train.train`'s cosine decay by a constant
+    learning rate ``lr`` after ``warmup`` steps of linear warm-up (``lr * (step + 1) / warmup``), so that a run
+    read at any step is at the same point of its schedule (pass ``hooks=[ConstantLR(lr)]``; the ``lr`` given
+    to ``train`` is then ignored)."""
+
+    def __init__(self, lr: float, warmup: int = 0):
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+        self.lr, self.warmup = float(lr), warmup
+
+    def on_step_start(self, state: TrainState) -> None:
+        state.lr = self.lr * min(1.0, (state.step + 1) / self.warmup) if self.warmup else self.lr
+        for group in state.optimizer.param_groups:
+            group["lr"] = state.lr

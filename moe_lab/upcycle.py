@@ -31,12 +31,10 @@ dispatch path keep it exact.
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from itertools import combinations
 
 import torch
-from torch import nn
 
-from .config import MoEConfig, MoEOptions
+from .config import MoEConfig, MoEOptions, _int_at_least
 from .experts import FFN, Experts
 from .finetune import moe_layers_of
 from .hooks import TrainHook, TrainState
@@ -48,11 +46,6 @@ ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_
                "tie_embeddings", "rope_base")
 """:class:`ModelConfig` fields an upcycled model inherits from the dense one (they decide the copied weights)."""
 SET_BY_UPCYCLE = ("num_experts", "k", "d_expert", "moe_every", "first_dense")
-
-
-def _int_at_least(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def check_granularity(num_experts: int, granularity: int, *, d_ff: int | None = None, k: int | None = None) -> None:
@@ -245,11 +238,10 @@ def expert_distance(experts: Experts) -> torch.Tensor:
 
 def mean_pairwise_distance(experts: Experts) -> float:
     """Mean of :func:`expert_distance` over the ``E (E - 1) / 2`` pairs (0 for a single expert)."""
-    pairs = list(combinations(range(experts.num_experts), 2))
-    if not pairs:
+    if experts.num_experts < 2:
         return 0.0
-    d = expert_distance(experts)
-    return sum(float(d[i, j]) for i, j in pairs) / len(pairs)
+    i, j = torch.triu_indices(experts.num_experts, experts.num_experts, offset=1)
+    return float(expert_distance(experts)[i, j].mean())
 
 
 class DivergenceLog(TrainHook):
