@@ -2,7 +2,7 @@
 options (expert dropout, training / eval capacity factor) of a built model, and the constant learning rate that
 continued training and fine-tuning use (ST-MoE fine-tunes at a constant rate).
 
-Groups (ST-MoE, Zoph et al. 2022, Sec. 4: fine-tune all parameters, only the non-MoE ones, or only the MoE ones):
+Groups (ST-MoE, Zoph et al. 2022, fine-tune all parameters, only the non-MoE ones, or only the MoE ones):
 
 - ``moe``: every parameter inside an :class:`moe_lab.MoELayer`: routed experts, router, shared experts;
 - ``router``: the routers' parameters (a subset of ``moe``);
