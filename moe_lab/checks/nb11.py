@@ -251,15 +251,20 @@ def _count_cases(hidden: bool) -> list[Case]:
 # ------------------------------------------------------------------------------------------------ 11.6
 
 
+def _moe_forward(x: torch.Tensor, router_weight: torch.Tensor, experts: tuple, k: int, **options) -> torch.Tensor:
+    """``MoELayer`` (loop dispatch) with the given router and stacked expert weights ``(W1, W3, W2)`` on ``x``."""
+    W1, W3, W2 = experts
+    layer = MoELayer(W1.shape[1], W1.shape[2], W1.shape[0], k, dispatch="loop", **options)
+    with_weights(layer, router__weight=router_weight, experts__w1=W1, experts__w3=W3, experts__w2=W2)
+    return layer(x)[0]
+
+
 def granular_upcycled_forward(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                               router_weight: torch.Tensor, granularity: int, k: int) -> torch.Tensor:
     """Reference for 11.6: the MoE layer granular-upcycled from a SwiGLU FFN (``E = router_weight.shape[0]``
     experts from :func:`granular_expert_weights`, softmax -> top-k -> renormalise in float32)."""
-    num_experts, d_model = router_weight.shape
-    W1, W3, W2 = granular_expert_weights(w1, w3, w2, num_experts, granularity)
-    layer = MoELayer(d_model, w1.shape[1] // granularity, num_experts, k, dispatch="loop")
-    with_weights(layer, router__weight=router_weight, experts__w1=W1, experts__w3=W3, experts__w2=W2)
-    return layer(x)[0]
+    experts = granular_expert_weights(w1, w3, w2, router_weight.shape[0], granularity)
+    return _moe_forward(x, router_weight, experts, k)
 
 
 def _forward_unscaled(x, w1, w3, w2, router_weight, granularity, k):
@@ -267,19 +272,12 @@ def _forward_unscaled(x, w1, w3, w2, router_weight, granularity, k):
 
 
 def _forward_slice_major(x, w1, w3, w2, router_weight, granularity, k):
-    num_experts, d_model = router_weight.shape
-    W1, W3, W2 = _slice_major(w1, w3, w2, num_experts, granularity)
-    layer = MoELayer(d_model, w1.shape[1] // granularity, num_experts, k, dispatch="loop")
-    with_weights(layer, router__weight=router_weight, experts__w1=W1, experts__w3=W3, experts__w2=W2)
-    return layer(x)[0]
+    return _moe_forward(x, router_weight, _slice_major(w1, w3, w2, router_weight.shape[0], granularity), k)
 
 
 def _forward_not_renormalised(x, w1, w3, w2, router_weight, granularity, k):
-    num_experts, d_model = router_weight.shape
-    W1, W3, W2 = granular_expert_weights(w1, w3, w2, num_experts, granularity)
-    layer = MoELayer(d_model, w1.shape[1] // granularity, num_experts, k, dispatch="loop", renormalize=False)
-    with_weights(layer, router__weight=router_weight, experts__w1=W1, experts__w3=W3, experts__w2=W2)
-    return layer(x)[0]
+    experts = granular_expert_weights(w1, w3, w2, router_weight.shape[0], granularity)
+    return _moe_forward(x, router_weight, experts, k, renormalize=False)
 
 
 @exercise("11.6", function="granular_upcycled_forward", title="A granular upcycled MoE layer, end to end",
