@@ -147,33 +147,31 @@ def _granular_cases(hidden: bool) -> list[Case]:
 # ------------------------------------------------------------------------------------------------ 11.4
 
 
-def group_parameters(names: list[str], moe_modules: list[str]) -> dict[str, list[str]]:
-    """Reference for 11.4 (a slow obvious reading of :func:`moe_lab.finetune.parameter_groups` on names):
-    ``{"moe", "non_moe", "router"} -> names`` in the order of ``names``."""
-    groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+def _split_names(names: list[str], moe_modules: list[str], end: str = "."):
+    """``(moe, non_moe, router)`` names; a parameter belongs to module ``m`` when it starts with ``m + end``."""
+    moe, non_moe, router = [], [], []
     for name in names:
-        owner = next((m for m in moe_modules if name.startswith(m + ".")), None)
-        groups["non_moe" if owner is None else "moe"].append(name)
+        owner = next((m for m in moe_modules if name.startswith(m + end)), None)
+        (non_moe if owner is None else moe).append(name)
         if owner is not None and name.startswith(owner + ".router."):
-            groups["router"].append(name)
-    return groups
+            router.append(name)
+    return moe, non_moe, router
+
+
+def group_parameters(names: list[str], moe_modules: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Reference for 11.4 (a slow obvious reading of :func:`moe_lab.finetune.parameter_groups` on names):
+    ``(moe, non_moe, router)`` name lists, each in the order of ``names``."""
+    return _split_names(names, moe_modules)
 
 
 def _prefix_without_dot(names, moe_modules):
-    groups = {g: [] for g in GROUPS}
-    for name in names:
-        owner = next((m for m in moe_modules if name.startswith(m)), None)
-        groups["non_moe" if owner is None else "moe"].append(name)
-        if owner is not None and ".router." in name:
-            groups["router"].append(name)
-    return groups
+    return _split_names(names, moe_modules, end="")
 
 
 def _router_outside_moe(names, moe_modules):
-    groups = group_parameters(names, moe_modules)
-    groups["moe"] = [n for n in groups["moe"] if n not in groups["router"]]
-    groups["non_moe"] = [n for n in names if n not in groups["moe"]]
-    return groups
+    moe, _, router = group_parameters(names, moe_modules)
+    moe = [n for n in moe if n not in router]
+    return moe, [n for n in names if n not in moe], router
 
 
 def _any_ffn_is_moe(names, moe_modules):
@@ -195,9 +193,10 @@ def _named_model(name: str, n_layers: int, **overrides) -> tuple[str, MoETransfo
           reference=group_parameters,
           hint="a parameter is in `moe` when it lives inside an MoE layer (its name starts with that layer's name "
                "followed by a dot), in `router` when it lives inside that layer's router, else in `non_moe`",
-          hints=("the router is a subset of the MoE group; keep every list in the order of `names`",
-                 "'blocks.1' must not claim 'blocks.10.ffn...': compare with the prefix module_name + '.'"),
-          mistakes={"prefix without the dot ('blocks.1' also matches 'blocks.10')": _prefix_without_dot,
+          hints=("the router is a subset of the MoE group; return (moe, non_moe, router), each list in the order "
+                 "of `names`",
+                 "'blocks.1.ffn' must not claim 'blocks.1.ffn_norm.weight': compare with the prefix module_name + '.'"),
+          mistakes={"prefix without the dot ('blocks.1.ffn' also matches 'blocks.1.ffn_norm')": _prefix_without_dot,
                     "router left out of the moe group": _router_outside_moe,
                     "every FFN counted as MoE, dense ones too": _any_ffn_is_moe})
 def _group_cases(hidden: bool) -> list[Case]:
@@ -230,7 +229,8 @@ def _counts_tensors(sizes, groups, recipe):
 
 
 def _sizes_and_groups(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, list[str]]]:
-    return {n: p.numel() for n, p in model.named_parameters()}, group_parameters(*model_names(model))
+    groups = dict(zip(GROUPS, group_parameters(*model_names(model))))
+    return {n: p.numel() for n, p in model.named_parameters()}, groups
 
 
 @exercise("11.5", function="trainable_count", title="Trainable parameters under a freezing recipe", points=1,
