@@ -4,7 +4,8 @@ One module per concept: ``routing`` (softmax / sigmoid gating, group-limited top
 DeepSeek balance losses, the bias update), ``metrics`` (load, MaxVio, entropy, drops, devices per token),
 ``experts`` (stacked expert FFNs, grouped GEMM), ``dispatch`` (capacity; loop / sorted / one-hot), ``permute``
 (deterministic gather / combine), ``config`` (``MoEConfig``), ``layer`` (``MoELayer``), ``bias_balancing``
-(aux-loss-free balancing), ``parallel`` (expert parallelism), ``calculator`` (parameters / FLOPs / memory),
+(aux-loss-free balancing), ``parallel`` (expert parallelism), ``launch`` (local worker processes), ``timing`` (step timer),
+``cost_model`` (bytes, alpha-beta time, memory per rank), ``calculator`` (parameters / FLOPs / memory),
 ``model`` / ``data`` / ``train`` / ``hooks`` (a small MoE transformer and its training loop),
 ``balancing`` (the collapse experiment), ``widgets`` (notebook dashboards), ``checks`` (graded exercises),
 ``course`` (build tools), ``grading`` (``moe-lab grade``), ``bench`` (``python -m moe_lab.bench``).

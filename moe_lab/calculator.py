@@ -7,6 +7,8 @@ Linear layers have no biases; RMSNorm weights are counted (``Arch.norms``). Memo
 Layer-level helpers (``ffn_params``, ``moe_params``, ``moe_flops_per_token``) serve the lecture's formulas;
 :class:`Arch` describes a whole model (GQA or MLA attention, dense / MoE schedule, routed and shared experts)
 and :func:`count_params`, :func:`flops_per_token`, :func:`training_memory`, :func:`inference_memory` apply to it.
+Inference: :func:`decode_weight_bytes` (weights read per decode step, the memory-bound cost of generating) and
+:func:`quantized_weight_bytes` / :func:`weight_memory` (weight-only quantization with per-group scales).
 """
 from __future__ import annotations
 
@@ -261,6 +263,62 @@ def inference_memory(arch: Arch, context: int, batch: int = 1, dtype: str = "bf1
              "kv_cache": kv_cache_bytes(arch, context, batch, dtype)}
     parts["total"] = parts["weights"] + parts["kv_cache"]
     return parts
+
+
+FLOAT_BITS = (16, 32)
+QUANT_BITS = (4, 8)
+
+
+def quantized_weight_bytes(num_params: int, bits: int, group_size: int = 128, scale_bytes: float = 2.0) -> float:
+    """Bytes of ``num_params`` weights at ``bits`` per weight: 4 / 8 (weight-only quantization with one
+    ``scale_bytes`` scale per ``group_size`` weights: ``N*bits/8 + N/group_size*scale_bytes``; per-channel
+    scales: ``group_size`` = the input width) or 16 / 32 (floats, no scales)."""
+    if num_params < 0:
+        raise ValueError(f"num_params must be >= 0, got {num_params}")
+    if bits in FLOAT_BITS:
+        return num_params * bits / 8
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits must be one of {QUANT_BITS + FLOAT_BITS}, got {bits!r}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
+    return num_params * bits / 8 + num_params / group_size * scale_bytes
+
+
+def weight_memory(arch: Arch, bits: dict[str, int] | None = None, *, group_size: int = 128,
+                  scale_bytes: float = 2.0) -> dict[str, float]:
+    """Bytes of ``arch``'s weights with ``bits[component]`` bits per weight for the components of
+    :func:`count_params` (``routed_experts``, ``attention``, ...; others: 16, i.e. bf16), quantized ones with
+    :func:`quantized_weight_bytes`. E.g. ``{"routed_experts": 4, "shared_experts": 4, "attention": 8}``."""
+    bits = dict(bits or {})
+    components = count_params(arch).components
+    unknown = sorted(set(bits) - set(components))
+    if unknown:
+        raise ValueError(f"bits keys must be among {tuple(components)}, got {unknown}")
+    parts = {name: quantized_weight_bytes(total, bits.get(name, 16), group_size, scale_bytes)
+             for name, (total, _) in components.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def decode_weight_bytes(arch: Arch, batch: int = 1, bits: int = 16) -> float:
+    """Bytes of weights one decode step reads for ``batch`` sequences (one new token each) at ``bits`` per
+    weight (scales ignored): every dense weight once, ``batch`` embedding rows, and in each MoE layer the
+    shared experts plus the routed experts the batch touches, ``E (1 - (1 - k/E)^batch)`` under uniform routing
+    (the router, norms and output head are read whole)
+    (:func:`expected_experts_touched`). Per generated token: divide by ``batch``."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    if bits not in QUANT_BITS + FLOAT_BITS:
+        raise ValueError(f"bits must be one of {QUANT_BITS + FLOAT_BITS}, got {bits!r}")
+    c = count_params(arch).components
+    read = sum(c[name][0] for name in ("attention", "dense_ffn", "router", "shared_experts", "norms", "lm_head"))
+    # untied: batch rows of the input embedding; tied: the output projection reads the whole matrix
+    read += c["embedding"][0] if arch.tie_embeddings else min(batch, arch.vocab_size) * arch.d_model
+    n_moe = sum(arch.moe_layers)
+    if n_moe:
+        expert = ffn_params(arch.d_model, arch.d_expert, arch.activation)
+        read += n_moe * expected_experts_touched(arch.num_experts, arch.k, batch) * expert
+    return read * bits / 8
 
 
 _MLA = dict(attention="mla", n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64,

@@ -104,7 +104,8 @@ class MoEOptions:
             :func:`moe_lab.dispatch.expert_capacity` ``(T, E, capacity_factor, k)`` slots per forward pass.
         eval_capacity_factor: the capacity factor in eval mode: ``"same"`` (default: ``capacity_factor``),
             None (dropless at eval) or > 0 (ST-MoE raises it at eval).
-        drop_policy: ``"position"`` (Switch) or ``"probability"`` (highest gating score first).
+        drop_policy: ``"position"`` (Switch), ``"probability"`` (highest gating score first) or
+            ``"batch_priority"`` (V-MoE: tokens by top-1 score, all first choices before any second choice).
         dispatch: ``"sorted"`` (fast, default), ``"loop"`` (reference) or ``"onehot"`` (GShard einsum).
         expert_dropout: dropout probability on the routed experts' hidden activations, training only
             (Switch's "expert dropout"; 0 = off).

@@ -4,6 +4,11 @@
     python -m moe_lab.course build --check    # exit 1 if exercises/ is stale
     python -m moe_lab.course execute [NB...]  # run notebooks/ and solutions/ in place, storing outputs
 
+Every notebook the tool writes carries the installed kernelspec (``KERNELSPEC``), so opening it in JupyterLab
+does not mark it modified. ``execute`` stores the widget state of every displayed widget (JupyterLab shows the
+dashboards of a trusted notebook from it, without a kernel) and gives each progress bar a text fallback that shows
+where it ended (an untrusted notebook shows the text, not the widget).
+
 A solution cell marks the code to hide with ``# BEGIN SOLUTION`` / ``# END SOLUTION`` lines; the exercise gets
 ``raise NotImplementedError`` at the same indentation, outputs cleared and ``# NBVAL_CHECK_OUTPUT`` removed
 (an unfinished exercise prints TODO lines, not the solution's PASS lines).
@@ -11,6 +16,7 @@ A solution cell marks the code to hide with ``# BEGIN SOLUTION`` / ``# END SOLUT
 from __future__ import annotations
 
 import argparse
+import html
 import re
 import sys
 import time
@@ -24,6 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
 CHECK_CALL = re.compile(r"""check\(\s*["'](\d\d\.\d+)["']\s*,\s*(\w+)\s*\)""")
+# what ipykernel installs as "python3" (``jupyter kernelspec list``); a test checks it against the installed one
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def strip_solutions(source: str, where: str = "cell") -> str:
@@ -59,6 +69,7 @@ def exercise_notebook(solution: nbformat.NotebookNode, name: str) -> nbformat.No
             cell.source = strip_solutions(cell.source, f"{name} cell {i}")
             cell.outputs, cell.execution_count = [], None
     nb.metadata.pop("widgets", None)
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
     nb.metadata["language_info"] = {"name": "python"}  # no interpreter version: exercises stay reproducible
     nb.metadata["moe_lab"] = {
         "notebook": name,
@@ -92,17 +103,65 @@ def build(check_only: bool = False, root: Path = ROOT) -> list[Path]:
     return changed
 
 
+def _model_refs(value) -> list[str]:
+    """Model ids a widget state refers to (``"IPY_MODEL_<id>"`` strings, nested in lists and dicts)."""
+    if isinstance(value, str):
+        return [value[len("IPY_MODEL_"):]] if value.startswith("IPY_MODEL_") else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [ref for item in value for ref in _model_refs(item)] if isinstance(value, list) else []
+
+
+def _progress_text(state: dict, box_id: str) -> str | None:
+    """tqdm's text for a stored progress bar (``HBox(HTML, Progress, HTML)``), or None for other widgets."""
+    children = [state.get(ref) for ref in _model_refs(state[box_id]["state"].get("children", []))]
+    names = [child and child["model_name"] for child in children]
+    if names[::2] != ["HTMLModel", "HTMLModel"] or names[1:2] not in (["FloatProgressModel"], ["IntProgressModel"]):
+        return None
+    left, bar, right = (child["state"] for child in children)
+    filled = round(10 * bar.get("value", 0) / bar["max"]) if bar.get("max") else 0
+    text = f"{left.get('value', '')}|{'█' * filled}{' ' * (10 - filled)}|{right.get('value', '')}"
+    return html.unescape(re.sub(r"<[^>]+>", "", text)).replace("\u2007", " ")  # tqdm pads with figure spaces
+
+
+def store_widget_state(nb: nbformat.NotebookNode) -> None:
+    """Keep only the widget state that the notebook's widget views need, and give each stored progress bar a
+    ``text/plain`` that shows where it ended (tqdm's is the 0% line it printed when the bar appeared)."""
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    views = [output for cell in nb.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+             if WIDGET_VIEW in output.get("data", {})]
+    needed, todo = set(), [output["data"][WIDGET_VIEW]["model_id"] for output in views]
+    while todo:
+        model_id = todo.pop()
+        if model_id in state and model_id not in needed:
+            needed.add(model_id)
+            todo += _model_refs(state[model_id]["state"])
+    for output in views:
+        model_id = output["data"][WIDGET_VIEW]["model_id"]
+        text = _progress_text(state, model_id) if model_id in state else None
+        if text is not None:
+            output["data"]["text/plain"] = text
+    if needed:
+        nb.metadata["widgets"][WIDGET_STATE]["state"] = {i: state[i] for i in sorted(needed)}
+    else:
+        nb.metadata.pop("widgets", None)
+
+
 def execute(paths: list[Path], timeout: int = 600) -> None:
-    """Execute notebooks in place (fresh kernel, cwd = the notebook's folder) and store their outputs."""
+    """Execute notebooks in place (fresh kernel, cwd = the notebook's folder) and store their outputs, the
+    widget state and the installed kernelspec."""
     from nbclient import NotebookClient
 
     for path in paths:
         nb = nbformat.read(path, as_version=4)
+        nb.metadata.pop("widgets", None)  # state of a previous run
         start = time.perf_counter()
         NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False, store_widget_state=True,
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+                       coalesce_streams=True, resources={"metadata": {"path": str(path.parent)}}).execute()
         for cell in nb.cells:
             cell.metadata.pop("execution", None)
+        store_widget_state(nb)
+        nb.metadata["kernelspec"] = dict(KERNELSPEC)
         path.write_text(_dumps(nb))
         print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.perf_counter() - start:.1f} s")
 

@@ -25,12 +25,12 @@ import torch
 
 from .experts import Experts
 from .metrics import tokens_per_expert
-from .permute import combine_slots, gather_slots
+from .permute import gather_slots, sum_slots
 from .routing import check_experts
 from .utils import compute_dtype
 
-DropPolicy = Literal["position", "probability"]
-DROP_POLICIES = ("position", "probability")
+DropPolicy = Literal["position", "probability", "batch_priority"]
+DROP_POLICIES = ("position", "probability", "batch_priority")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int = 1) -> int:
@@ -54,6 +54,8 @@ def _priority_order(experts: torch.Tensor, probs: torch.Tensor | None, policy: s
 
     ``"position"``: every token's first choice (in token order) before any second choice (Switch/GShard).
     ``"probability"``: highest router probability first; ties keep the position order.
+    ``"batch_priority"`` (V-MoE's batch prioritized routing, Riquelme et al. 2021): tokens sorted by their top-1
+    probability (highest first, ties in token order), then every first choice before any second choice.
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {policy!r}")
@@ -61,7 +63,11 @@ def _priority_order(experts: torch.Tensor, probs: torch.Tensor | None, policy: s
     if policy == "position":
         return torch.arange(n, device=experts.device)
     if probs is None or probs.shape != experts.shape:
-        raise ValueError(f"drop_policy='probability' needs probs of shape {tuple(experts.shape)} (one per slot)")
+        raise ValueError(f"drop_policy={policy!r} needs probs of shape {tuple(experts.shape)} (one per slot)")
+    if policy == "batch_priority":
+        num_tokens, k = experts.shape
+        tokens = torch.sort(probs.detach().float().amax(dim=1), descending=True, stable=True).indices
+        return (torch.arange(k, device=experts.device)[:, None] * num_tokens + tokens).reshape(-1)
     return torch.sort(probs.detach().float().T.reshape(-1), descending=True, stable=True).indices
 
 
@@ -70,7 +76,8 @@ def queue_positions(
 ) -> torch.Tensor:
     """Where each token-slot stands in its expert's queue (0 = served first) under a priority policy.
 
-    experts: ``[T, k]``; probs: ``[T, k]`` router probability of each selected slot (for ``"probability"``)
+    experts: ``[T, k]``; probs: ``[T, k]`` router probability of each selected slot (for ``"probability"``
+    and ``"batch_priority"``)
     -> ``[T, k]`` int64. A slot is kept under capacity ``C`` iff its position is ``< C``.
     """
     check_experts(experts, num_experts)
@@ -97,7 +104,8 @@ def capacity_mask(
     """Which token-slots fit into ``capacity`` slots per expert. -> ``keep: [T, k]`` bool.
 
     Priority ``"position"`` (Switch, GShard): first choices of all tokens, in token order, then second
-    choices, ...; ``"probability"``: slots with the highest router probability ``probs: [T, k]`` first.
+    choices, ...; ``"probability"``: slots with the highest router probability ``probs: [T, k]`` first;
+    ``"batch_priority"`` (V-MoE): as ``"position"``, with tokens ordered by their top-1 probability.
     No expert ever keeps more than ``capacity`` slots.
     """
     if capacity < 0:
@@ -126,17 +134,20 @@ def sort_by_expert(
 def dispatch_loop(
     x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, ffns: Experts, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Reference: for each expert, gather its (kept) tokens, run it, add the gated outputs back."""
+    """Reference: for each expert that got tokens, gather its (kept) tokens, run it, add the gated outputs back
+    (Hugging Face's eager Mixtral loop; the sum is in float32)."""
     check_experts(experts, ffns.num_experts)
+    chosen = experts if keep is None else torch.where(keep, experts, ffns.num_experts)  # dropped: no expert
+    dtype = compute_dtype(x)
+    weights = ffns.expert_weights(dtype)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(ffns.num_experts):
-        chosen = experts == e if keep is None else (experts == e) & keep
-        token_idx, slot = torch.where(chosen)
-        if token_idx.numel() == 0:
+    for e in torch.unique(chosen).tolist():
+        if e == ffns.num_experts:
             continue
-        out = ffns.forward_one(e, x[token_idx])
-        y = y.index_add(0, token_idx, out.float() * gates[token_idx, slot, None].float())
-    return y.to(compute_dtype(x))
+        token_idx, slot = torch.where(chosen == e)
+        out = ffns.mlp(x[token_idx].to(dtype), *weights[e])
+        y.index_add_(0, token_idx, out.float() * gates[token_idx, slot, None].float())
+    return y.to(dtype)
 
 
 def dispatch_sorted(
@@ -148,14 +159,17 @@ def dispatch_sorted(
     *,
     fused: bool | None = None,
 ) -> torch.Tensor:
-    """Fast path: one permutation, grouped GEMMs, one inverse permutation, a weighted sum over k.
+    """Fast path: one permutation, grouped GEMMs with the gate multiply folded in, one inverse permutation and
+    a sum over k.
 
     Dropped slots are left out of the GEMMs and their rows stay exactly zero.
     """
     num_tokens, k = experts.shape
     order, counts = sort_by_expert(experts, ffns.num_experts, keep)
-    h = ffns.forward_grouped(gather_slots(x.to(compute_dtype(x)), order, k), counts, fused=fused)  # [S, d]
-    return combine_slots(h, order, gates)  # back to token order, gate-weighted sum over k in float32
+    slot_gates = gates.reshape(-1).index_select(0, order)
+    h = ffns.forward_grouped(gather_slots(x.to(compute_dtype(x)), order, k), counts, fused=fused,
+                             scale=slot_gates)  # [S, d], gate-weighted
+    return sum_slots(h, order, num_tokens, k)  # back to token order, summed over k in float32
 
 
 def dispatch_onehot(

@@ -1,12 +1,18 @@
-"""Expert FFNs with stacked weights, and the grouped matmul that runs them all at once.
+"""Expert FFNs with stacked weights, and the grouped computation that runs them all at once.
 
 Weights are stacked over experts: ``w1, w3: [E, d_model, d_ff]``, ``w2: [E, d_ff, d_model]``.
 Activations: ``"gelu"``: ``w2(gelu(x w1))``; ``"swiglu"``: ``w2(silu(x w1) * x w3)`` (Mixtral, DeepSeek).
+
+On expert-sorted rows (:meth:`Experts.forward_grouped`) the experts run either as three grouped matmuls
+(:func:`grouped_mm`: ``torch.nn.functional.grouped_mm``, the default on CUDA) or one expert at a time with a
+hand-written backward, the experts shared among the CPU threads (:class:`_ExpertMLP`, the default on CPU).
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Literal
+import threading
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -46,6 +52,23 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _takes_fused(x: torch.Tensor, w: torch.Tensor, fused: bool | None) -> bool:
+    """Whether :func:`grouped_mm` runs ``F.grouped_mm`` for these operands (``fused=None``: CUDA when usable)."""
+    if fused is None:
+        return x.device.type != "cpu" and fused_grouped_mm_usable(x, w)
+    if fused and not hasattr(F, "grouped_mm"):
+        raise ValueError(f"fused=True needs torch.nn.functional.grouped_mm (torch {torch.__version__} has none); "
+                         "use fused=None or False")
+    return bool(fused)
+
+
+def grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor, fused: bool | None = None) -> str:
+    """In words, what ``grouped_mm(x, w, counts, fused=fused)`` runs on these operands on this machine."""
+    if _takes_fused(x, w, fused):
+        return "torch.nn.functional.grouped_mm (one fused kernel)"
+    return "per-expert matmuls on contiguous slices"
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
     """Multiply consecutive row groups of ``x`` by their own matrix.
 
@@ -57,17 +80,152 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *, fused:
             usable (one kernel, no host sync); the fallback on CPU, where per-group matmuls are as fast as
             torch's CPU kernel with one thread or passive OpenMP waiting, and up to 2x faster on a busy
             machine with OpenMP's default spin-waiting. Both give the same results up to float rounding.
+            :func:`grouped_mm_kernel` names the choice.
     Returns:
         ``[S, d_out]`` with rows of group ``e`` equal to ``x_e @ w[e]``.
     """
-    if fused is None:
-        fused = x.device.type != "cpu" and fused_grouped_mm_usable(x, w)
-    if fused:
+    if _takes_fused(x, w, fused):
         offsets = counts.cumsum(0).to(torch.int32)
         return _contiguous_grad(F.grouped_mm(x, w, offs=offsets))
     # Fallback: one matmul per group on contiguous slices (needs the counts on the host).
     pieces = [xe @ we for xe, we in zip(torch.split(x, counts.tolist()), w)]
     return torch.cat(pieces) if pieces else x.new_empty(0, w.shape[-1])
+
+
+Group = tuple[int, slice]  # an expert and the slice of its consecutive rows
+
+
+def _groups(counts: list[int]) -> list[Group]:
+    """``(e, rows)`` for every expert that has rows."""
+    ends = itertools.accumulate(counts)
+    return [(e, slice(end - n, end)) for e, (n, end) in enumerate(zip(counts, ends)) if n]
+
+
+def _split_groups(groups: list[Group], parts: int) -> list[list[Group]]:
+    """Share experts among ``parts`` workers with about equal rows each (largest first, each to the least
+    loaded worker; deterministic). Returns the non-empty shares."""
+    shares: list[list[Group]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for group in sorted(groups, key=lambda g: g[1].start - g[1].stop):  # stable: ties keep expert order
+        i = loads.index(min(loads))
+        shares[i].append(group)
+        loads[i] += group[1].stop - group[1].start
+    return [share for share in shares if share]
+
+
+def _run_shares(work: Callable[[list[Group]], None], groups: list[Group], threads: int) -> None:
+    """``work(share)`` for the experts' shares on ``threads`` OS threads, each with one intra-op thread.
+
+    Expert-level parallelism: on a CPU one single-threaded expert per core beats splitting every small GEMM
+    and element-wise op over the cores, each split a parallel region whose wake-up (OpenMP passive waiting)
+    costs about as much as the op. Shares write disjoint outputs, so results do not depend on timing.
+    """
+    shares = _split_groups(groups, threads)
+    if len(shares) <= 1:
+        for share in shares:
+            work(share)
+        return
+    errors: list[BaseException] = []
+
+    def run(share: list[Group]) -> None:
+        try:
+            torch.set_num_threads(1)
+            with torch.no_grad():  # grad mode is per thread
+                work(share)
+        except BaseException as error:  # re-raised in the calling thread
+            errors.append(error)
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    helpers = [threading.Thread(target=run, args=(share,)) for share in shares[1:]]
+    try:
+        for helper in helpers:
+            helper.start()
+        work(shares[0])
+    finally:
+        for helper in helpers:
+            helper.join()
+        torch.set_num_threads(saved)  # the helpers' setting is process-wide
+    if errors:
+        raise errors[0]
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """Every expert's MLP on its consecutive rows, one expert at a time, with a hand-written backward.
+
+    ``y_s = scale_s * act(x_s w1[e], x_s w3[e]) w2[e]`` for the rows ``s`` of expert ``e``. Each expert's
+    ``[n, d_ff]`` activations stay small enough for the CPU caches, outputs go straight into one buffer (no
+    ``cat``), only the inputs and pre-activations are saved (backward recomputes the activation), and the
+    experts are shared among ``threads`` threads (:func:`_run_shares`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, counts, threads, w1, w3, w2):
+        num_rows, d_ff = x.shape[0], w1.shape[-1]
+        h1 = x.new_empty(num_rows, d_ff)
+        h3 = None if w3 is None else x.new_empty(num_rows, d_ff)
+        y = x.new_empty(num_rows, w2.shape[-1])
+
+        def work(share: list[Group]) -> None:
+            for e, rows in share:
+                h = torch.mm(x[rows], w1[e], out=h1[rows])
+                a = F.gelu(h) if w3 is None else F.silu(h).mul_(torch.mm(x[rows], w3[e], out=h3[rows]))
+                out = torch.mm(a, w2[e], out=y[rows])
+                if scale is not None:
+                    out.mul_(scale[rows, None])
+
+        ctx.groups, ctx.threads = _groups(counts), threads
+        _run_shares(work, ctx.groups, threads)
+        ctx.save_for_backward(x, scale, w1, w3, w2, h1, h3)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, scale, w1, w3, w2, h1, h3 = ctx.saved_tensors
+        need_x, need_scale, _, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
+        gx = torch.empty_like(x) if need_x else None
+        gs = torch.empty_like(scale) if need_scale else None
+        gw1, gw3, gw2 = (torch.empty_like(w) if need else None for w, need in
+                         ((w1, need_w1), (w3, need_w3), (w2, need_w2)))
+        grad = grad.contiguous()
+
+        def work(share: list[Group]) -> None:
+            for e, rows in share:
+                go, pre = grad[rows], h1[rows]
+                silu = None if w3 is None else F.silu(pre)
+                a = F.gelu(pre) if w3 is None else silu * h3[rows]
+                ga = go @ w2[e].T  # d loss / d a for an unscaled output
+                if scale is not None:
+                    s = scale[rows, None]
+                    if need_scale:  # <go, unscaled output> = <go w2^T, a>, added in float32
+                        gs[rows] = torch.linalg.vecdot(ga.float(), a.float())
+                    go = go * s
+                    ga.mul_(s)
+                if need_w2:
+                    torch.mm(a.T, go, out=gw2[e])
+                if w3 is None:
+                    g1 = torch.ops.aten.gelu_backward(ga, pre)
+                else:
+                    g3 = ga * silu
+                    g1 = torch.ops.aten.silu_backward(ga.mul_(h3[rows]), pre)
+                    if need_w3:
+                        torch.mm(x[rows].T, g3, out=gw3[e])
+                if need_w1:
+                    torch.mm(x[rows].T, g1, out=gw1[e])
+                if need_x:
+                    gxe = torch.mm(g1, w1[e].T, out=gx[rows])
+                    if w3 is not None:
+                        gxe.addmm_(g3, w3[e].T)
+
+        _run_shares(work, ctx.groups, ctx.threads)
+        present = {e for e, _ in ctx.groups}
+        for gw in (gw1, gw3, gw2):
+            if gw is not None:
+                for e in range(gw.shape[0]):
+                    if e not in present:
+                        gw[e].zero_()  # an expert without rows gets zero gradient
+        return gx, gs, None, None, gw1, gw3, gw2
 
 
 class Experts(nn.Module):
@@ -103,23 +261,49 @@ class Experts(nn.Module):
         w3 = None if self.w3 is None else self.w3.to(dtype)
         return self.w1.to(dtype), w3, self.w2.to(dtype)
 
+    def expert_weights(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """``(w1[e], w3[e], w2[e])`` of every expert in ``dtype`` (``w3[e]`` None for GELU), split with one
+        ``unbind`` per weight: backward then builds each weight's gradient once, where indexing ``w1[e]``
+        per expert would build a full-size zero gradient for every expert."""
+        w1, w3, w2 = self._weights(dtype)
+        return list(zip(w1.unbind(0), [None] * self.num_experts if w3 is None else w3.unbind(0), w2.unbind(0)))
+
+    def mlp(self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> torch.Tensor:
+        """One expert with the given weights (see :meth:`expert_weights`). x: ``[n, d_model]`` -> ``[n, d_model]``."""
+        return self._act(x @ w1, None if w3 is None else x @ w3) @ w2
+
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens. x: ``[n, d_model]`` -> ``[n, d_model]``."""
         dtype = compute_dtype(x)
-        x = x.to(dtype)
-        h3 = None if self.w3 is None else x @ self.w3[e].to(dtype)
-        return self._act(x @ self.w1[e].to(dtype), h3) @ self.w2[e].to(dtype)
+        w3 = None if self.w3 is None else self.w3[e].to(dtype)
+        return self.mlp(x.to(dtype), self.w1[e].to(dtype), w3, self.w2[e].to(dtype))
 
-    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, *, fused: bool | None = None) -> torch.Tensor:
+    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, *, fused: bool | None = None,
+                        scale: torch.Tensor | None = None) -> torch.Tensor:
         """All experts at once on expert-sorted rows.
 
-        x: ``[S, d_model]`` sorted by expert, ``counts: [E]`` rows per expert -> ``[S, d_model]``.
+        x: ``[S, d_model]`` sorted by expert, ``counts: [E]`` rows per expert -> ``[S, d_model]``; with
+        ``scale: [S]`` each output row is multiplied by its scale (the gate: folded into the expert pass).
+        ``fused`` as in :func:`grouped_mm`; the per-expert path runs :class:`_ExpertMLP` (one expert at a time,
+        hand-written backward).
         """
         dtype = compute_dtype(x)
         w1, w3, w2 = self._weights(dtype)
         x = x.to(dtype)
-        h3 = None if w3 is None else grouped_mm(x, w3, counts, fused=fused)
-        return grouped_mm(self._act(grouped_mm(x, w1, counts, fused=fused), h3), w2, counts, fused=fused)
+        scale = None if scale is None else scale.to(dtype)
+        if scale is not None and scale.shape != x.shape[:1]:
+            raise ValueError(f"scale must have shape [{x.shape[0]}] (one per row), got {tuple(scale.shape)}")
+        if not _takes_fused(x, w1, fused):
+            host_counts = counts.tolist()
+            if len(host_counts) != self.num_experts or sum(host_counts) != x.shape[0]:
+                raise ValueError(f"counts must have {self.num_experts} entries summing to the {x.shape[0]} rows "
+                                 f"of x, got {host_counts}")
+            with torch.autocast(x.device.type, enabled=False):  # operands are in the compute dtype already
+                threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+                return _ExpertMLP.apply(x, scale, host_counts, threads, w1, w3, w2)
+        h3 = None if w3 is None else grouped_mm(x, w3, counts, fused=True)
+        y = grouped_mm(self._act(grouped_mm(x, w1, counts, fused=True), h3), w2, counts, fused=True)
+        return y if scale is None else y * scale.unsqueeze(-1)
 
     def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own fixed-size buffer. x: ``[E, C, d_model]`` -> ``[E, C, d_model]``."""

@@ -18,6 +18,9 @@ rate), then the ones passed to ``train(hooks=...)``.
 """
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,3 +80,259 @@ class TrainHook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hooks for stable training: loss-weight schedules, router statistics, a NaN guard.
+
+SCHEDULE_SHAPES = ("exponential", "linear", "cosine")
+NAN_POLICIES = ("stop", "checkpoint")
+
+
+def _positive_number(name: str, value: Any, *, allow_zero: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Decay:
+    """A coefficient that moves from ``start`` (step 0) to ``end`` over the first ``over`` fraction of a run,
+    then stays at ``end``: ``Decay(1e-2, 1e-3)`` is the companion notes' z-loss schedule (0.01 early, 0.001
+    late). ``shape``: ``"exponential"`` (geometric, constant ratio per step; needs ``start, end > 0``),
+    ``"linear"`` or ``"cosine"``. Call it as ``decay(step, steps)``."""
+
+    start: float
+    end: float
+    shape: str = "exponential"
+    over: float = 1.0
+
+    def __post_init__(self) -> None:
+        positive = self.shape == "exponential"
+        _positive_number("start", self.start, allow_zero=not positive)
+        _positive_number("end", self.end, allow_zero=not positive)
+        if self.shape not in SCHEDULE_SHAPES:
+            raise ValueError(f"shape must be one of {SCHEDULE_SHAPES}, got {self.shape!r}")
+        _positive_number("over", self.over, allow_zero=False)
+        if self.over > 1:
+            raise ValueError(f"over must be a fraction of the run, 0 < over <= 1, got {self.over!r}")
+
+    def __call__(self, step: int, steps: int) -> float:
+        span = max(1.0, self.over * (steps - 1))
+        t = min(1.0, step / span)
+        if self.shape == "exponential":
+            return self.start * (self.end / self.start) ** t
+        if self.shape == "cosine":
+            t = 0.5 * (1 - math.cos(math.pi * t))
+        return self.start + (self.end - self.start) * t
+
+
+class LossWeightSchedule(TrainHook):
+    """Sets auxiliary-loss coefficients on a schedule: ``LossWeightSchedule(z=Decay(1e-2, 1e-3))``.
+
+    Each keyword names a term of ``model.loss_weights`` (``aux``, ``z``, ``seq_aux``, ``device_aux``,
+    ``comm_aux``) and gives ``schedule(step, steps) -> coefficient`` (e.g. a :class:`Decay`) or a constant. At
+    the start of every step the term's weight is set and logged as ``history.extra["<term>_coef"]``. The model
+    keeps the last value after training.
+    """
+
+    def __init__(self, **schedules: Callable[[int, int], float] | float):
+        if not schedules:
+            raise ValueError("LossWeightSchedule needs at least one term, e.g. LossWeightSchedule(z=Decay(1e-2, 1e-3))")
+        for term, schedule in schedules.items():
+            if not callable(schedule):
+                _positive_number(term, schedule)
+        self.schedules = schedules
+
+    def on_train_start(self, state: TrainState) -> None:
+        weights = getattr(state.model, "loss_weights", None)
+        if not isinstance(weights, dict):
+            raise ValueError("LossWeightSchedule needs a model with a loss_weights dict (moe_lab.MoETransformer)")
+        unknown = sorted(set(self.schedules) - set(weights))
+        if unknown:
+            raise ValueError(f"LossWeightSchedule terms must be among {tuple(weights)}, got {unknown}")
+
+    def on_step_start(self, state: TrainState) -> None:
+        for term, schedule in self.schedules.items():
+            value = float(schedule(state.step, state.steps)) if callable(schedule) else float(schedule)
+            _positive_number(f"the {term} coefficient at step {state.step}", value)
+            state.model.loss_weights[term] = value
+            state.history.log(f"{term}_coef", value)
+
+
+def _moe_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{module name: layer}`` of every :class:`moe_lab.MoELayer` in ``model``."""
+    from .layer import MoELayer  # here, not at the top: the layer module does not depend on training hooks
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def _logit_tensors(output: Any) -> list[torch.Tensor]:
+    """The logits a router returned (a tensor, or every tensor of a noisy router's ``NoisyLogits``)."""
+    return [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
+
+
+def grad_total_norm(model: nn.Module) -> torch.Tensor:
+    """The 2-norm of all of ``model``'s gradients together (0 without gradients), as gradient clipping sees it."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+class RouterMonitor(TrainHook):
+    """Logs, after every step, what the stability notebook plots (``history.extra``):
+
+    ``router_lse``: ``[n_moe_layers]`` mean over tokens of ``logsumexp`` of the router logits (what the z-loss
+    squares), ``router_max_logit``: ``[n_moe_layers]`` largest ``|logit|``, ``grad_norm``: the total gradient norm
+    before clipping (float), and with ``flips_dtype`` (e.g. ``torch.bfloat16``) ``router_flips``:
+    ``[n_moe_layers]`` fraction of this step's tokens whose top-k experts would change if the router ran in that
+    dtype (:func:`moe_lab.stability.routing_flips` on the real router inputs of the first micro-batch).
+    """
+
+    def __init__(self, flips_dtype: torch.dtype | None = None):
+        if flips_dtype is not None and flips_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"flips_dtype must be None, torch.bfloat16 or torch.float16, got {flips_dtype!r}")
+        self.flips_dtype = flips_dtype
+        self._handles: list = []
+        self._flips: dict[str, float] = {}
+
+    def on_train_start(self, state: TrainState) -> None:
+        if self.flips_dtype is None:
+            return
+        from .stability import routing_flips
+
+        def record(name: str, k: int):
+            def hook(router: nn.Module, args: tuple, output: Any) -> None:
+                if router.training and name not in self._flips:
+                    self._flips[name] = routing_flips(args[0], router.weight, k, self.flips_dtype).flip_rate
+            return hook
+
+        for name, layer in _moe_layers(state.model).items():
+            self._handles.append(layer.router.register_forward_hook(record(name, layer.k)))
+
+    def on_step_start(self, state: TrainState) -> None:
+        self._flips = {}
+
+    def before_optimizer_step(self, state: TrainState) -> None:
+        norm = state.grad_norm if state.grad_norm is not None else grad_total_norm(state.model)
+        state.history.log("grad_norm", float(norm))
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        infos = [out.infos for out in state.outputs]
+        if not infos or not infos[0]:
+            return
+        per_layer = list(zip(*infos))  # [n_layers][micro-batches]
+        with torch.no_grad():
+            lse = [sum(float(i.logits.float().logsumexp(-1).mean()) for i in layer) / len(layer) for layer in per_layer]
+            top = [max(float(i.logits.detach().abs().max()) for i in layer) for layer in per_layer]
+        state.history.log("router_lse", torch.tensor(lse))
+        state.history.log("router_max_logit", torch.tensor(top))
+        if self.flips_dtype is not None:
+            state.history.log("router_flips", torch.tensor(list(self._flips.values())))
+
+    def on_train_end(self, state: TrainState) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by :class:`NaNGuard`: ``quantity`` (``"loss"``, ``"router logits"`` or ``"gradient norm"``) was
+    NaN or infinite at optimiser step ``step``; ``checkpoint``: where the state was saved (None if not)."""
+
+    def __init__(self, message: str, *, quantity: str, step: int, checkpoint: str | None = None):
+        super().__init__(message)
+        self.quantity, self.step, self.checkpoint = quantity, step, checkpoint
+
+
+def first_nonfinite(router_logits: Sequence[torch.Tensor], loss: torch.Tensor,
+                    grad_norm: torch.Tensor | None) -> str | None:
+    """Which quantity of a training step is NaN or infinite, checked in the order the step computes them (the
+    first bad one is closest to the cause): ``"router logits"`` (any of the layers' tensors), ``"loss"``,
+    ``"gradient norm"`` (skipped when None); None if all are finite. Each check reads a value on the host (on a
+    GPU, a sync)."""
+    if any(not bool(torch.isfinite(t).all()) for t in router_logits):
+        return "router logits"
+    if not bool(torch.isfinite(loss).all()):
+        return "loss"
+    if grad_norm is not None and not bool(torch.isfinite(grad_norm).all()):
+        return "gradient norm"
+    return None
+
+
+class NaNGuard(TrainHook):
+    """Stops training at the first non-finite loss, router logits or gradient norm, before the optimizer
+    applies anything, with a :class:`NonFiniteError` naming the step and the quantity.
+
+    ``policy="stop"`` only raises; ``policy="checkpoint"`` first saves ``{"step", "quantity", "message",
+    "model", "optimizer"}`` (the state dicts: the weights before this step's update) to ``path`` with
+    ``torch.save`` (loadable with ``weights_only=True``). Router logits are checked as each router returns them
+    (forward hooks on every :class:`moe_lab.MoELayer`'s router): at once on CPU, where the layer would
+    otherwise stop with a ``ValueError``; on CUDA as one ``|logit|`` maximum per layer read with the loss in
+    ``before_optimizer_step``. The loss and the gradient norm are checked there too (the norm is computed
+    when clipping is off).
+    """
+
+    def __init__(self, policy: str = "stop", path: str | os.PathLike | None = None):
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"policy must be one of {NAN_POLICIES}, got {policy!r}")
+        if (policy == "checkpoint") != (path is not None):
+            raise ValueError(f"path is required with policy='checkpoint' and only then, got policy={policy!r}, "
+                             f"path={path!r}")
+        self.policy, self.path = policy, None if path is None else os.fspath(path)
+        self._handles: list = []
+        self._maxima: dict[str, torch.Tensor] = {}
+        self._state: TrainState | None = None
+
+    def on_train_start(self, state: TrainState) -> None:
+        self._state = state
+        for name, layer in _moe_layers(state.model).items():
+            self._handles.append(layer.router.register_forward_hook(self._router_hook(name)))
+
+    def _router_hook(self, name: str):
+        def hook(router: nn.Module, args: tuple, output: Any) -> None:
+            if self._state is None:  # training has ended or failed
+                return
+            for logits in _logit_tensors(output):
+                top = logits.detach().abs().amax() if logits.numel() else logits.new_zeros(())
+                if logits.device.type == "cpu":
+                    if not bool(torch.isfinite(top)):
+                        bad = int((~torch.isfinite(logits)).sum())
+                        self._fail("router logits", f"{bad} of {logits.numel()} router logits of MoE layer "
+                                                    f"'{name}' are NaN or infinite")
+                else:
+                    self._maxima[name] = top if name not in self._maxima else torch.maximum(self._maxima[name], top)
+        return hook
+
+    def on_step_start(self, state: TrainState) -> None:
+        self._maxima = {}
+
+    def before_optimizer_step(self, state: TrainState) -> None:
+        loss = torch.stack([out.total.detach() for out in state.outputs])
+        norm = state.grad_norm if state.grad_norm is not None else grad_total_norm(state.model)
+        quantity = first_nonfinite(list(self._maxima.values()), loss, norm)
+        if quantity == "router logits":
+            bad = [name for name, top in self._maxima.items() if not bool(torch.isfinite(top))]
+            self._fail(quantity, f"router logits of MoE layer(s) {bad} are NaN or infinite")
+        elif quantity == "loss":
+            self._fail(quantity, f"the loss is {loss.tolist()} (per micro-batch)")
+        elif quantity == "gradient norm":
+            self._fail(quantity, f"the gradient norm is {float(norm)}")
+
+    def _fail(self, quantity: str, detail: str) -> None:
+        state = self._state
+        self._release()
+        message = f"non-finite {quantity} at step {state.step}: {detail}"
+        if self.policy == "checkpoint":
+            torch.save({"step": state.step, "quantity": quantity, "message": message,
+                        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}, self.path)
+            message += f"; checkpoint of the weights before this step saved to {self.path}"
+        raise NonFiniteError(message + " (try a lower learning rate, gradient clipping, the z-loss or a float32 "
+                             "router)", quantity=quantity, step=state.step, checkpoint=self.path)
+
+    def _release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._state = [], None
+
+    def on_train_end(self, state: TrainState) -> None:
+        self._release()

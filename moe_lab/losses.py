@@ -194,9 +194,10 @@ def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float, *, centered
     one's up, an expert exactly at the mean keeps it.
 
     ``centered=True`` subtracts the mean of the update (torchtitan), so the biases keep summing to what they
-    summed to: only differences between biases matter for top-k selection, and centring keeps them from all
-    drifting (which would move sigmoid scores + bias away from the scores' own scale); without it (the
-    papers, Megatron-Core) the sum drifts when more experts are under- than overloaded.
+    summed to; without it (the papers, Megatron-Core) the sum drifts when more experts are under- than
+    overloaded. Centring never changes routing: adding the same constant to every bias changes neither the top-k
+    nor the group scores' order (max and top-2 sums shift by the same amount in every group); it only keeps the
+    bias values readable.
 
     Args:
         bias: ``[E]`` selection bias (float32).  load: ``[E]`` token-slots per expert over one optimiser step.

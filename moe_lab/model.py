@@ -4,9 +4,13 @@ Pre-norm blocks: ``x + attn(rmsnorm(x))`` then ``x + ffn(rmsnorm(x))``; grouped-
 (no position parameters); the FFN of layer ``i`` is an :class:`moe_lab.MoELayer` when
 ``config.moe_layers[i]`` (its shared experts inside it), else a dense :class:`moe_lab.FFN`.
 Shapes: ``idx: [B, L]`` token ids -> ``logits: [B, L, vocab]``.
+
+Inference: :class:`KVCache` keeps every layer's keys and values, so :meth:`MoETransformer.generate` (greedy or
+sampling) runs each new token through the model once instead of recomputing the whole sequence.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -123,19 +127,70 @@ def toy_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**TOY_PRESETS[name], **overrides})
 
 
-def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding on ``x: [B, H, L, hd]`` (pairs ``(i, i + hd/2)`` rotate by ``pos * base^(-2i/hd)``)."""
+def rope(x: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Tensor:
+    """Rotary position embedding on ``x: [B, H, L, hd]`` (pairs ``(i, i + hd/2)`` rotate by ``pos * base^(-2i/hd)``)
+    at positions ``offset, ..., offset + L - 1`` (``offset``: tokens already in a :class:`KVCache`)."""
     seq_len, head_dim = x.shape[-2], x.shape[-1]
     half = head_dim // 2
     freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = torch.arange(seq_len, device=x.device, dtype=torch.float32)[:, None] * freqs  # [L, hd/2]
+    positions = torch.arange(offset, offset + seq_len, device=x.device, dtype=torch.float32)
+    angles = positions[:, None] * freqs  # [L, hd/2]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class KVCache:
+    """Keys and values of every attention layer for ``batch`` sequences, preallocated for ``max_len`` positions.
+
+    ``keys, values: [n_layers, batch, n_kv_heads, max_len, head_dim]`` (grouped-query attention stores only the
+    ``n_kv_heads`` key/value heads); ``length``: positions filled so far (the same for every sequence).
+    Build one with :meth:`MoETransformer.new_cache`; the model's forward fills it and advances ``length``.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        for name, value in (("n_layers", n_layers), ("batch", batch), ("n_kv_heads", n_kv_heads),
+                            ("head_dim", head_dim), ("max_len", max_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the preallocated keys and values."""
+        return self.keys.nbytes + self.values.nbytes
+
+    def bytes_per_token(self) -> int:
+        """Bytes one position of one sequence takes: ``2 * n_layers * n_kv_heads * head_dim * element size``."""
+        return self.nbytes // (self.batch * self.max_len)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v: [B, n_kv_heads, L, head_dim]`` at positions ``length ..`` of ``layer``; return that layer's
+        keys and values of all positions so far, ``[B, n_kv_heads, length + L, head_dim]``."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds max_len={self.max_len} positions; {self.length} are filled and "
+                             f"{k.shape[2]} more do not fit (build a longer cache)")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with RoPE. x: ``[B, L, d]`` -> ``[B, L, d]``."""
+    """Causal grouped-query self-attention with RoPE. x: ``[B, L, d]`` -> ``[B, L, d]``; with a :class:`KVCache`
+    the ``L`` new positions follow the ``cache.length`` cached ones and attend to them too."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, rope_base: float = 10000.0):
         super().__init__()
@@ -150,18 +205,26 @@ class Attention(nn.Module):
         self.v = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """``cache``: the :class:`KVCache` to read and extend at index ``layer`` (None: attend within ``x``)."""
         b, n, _ = x.shape
+        past = 0 if cache is None else cache.length
 
         def heads(t: torch.Tensor, h: int) -> torch.Tensor:
             return t.view(b, n, h, self.head_dim).transpose(1, 2)
 
-        q = rope(heads(self.q(x), self.n_heads), self.rope_base)
-        k = rope(heads(self.k(x), self.n_kv_heads), self.rope_base)
+        q = rope(heads(self.q(x), self.n_heads), self.rope_base, past)
+        k = rope(heads(self.k(x), self.n_kv_heads), self.rope_base, past)
         v = heads(self.v(x), self.n_kv_heads)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         repeat = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i sits at position past + i and sees keys 0 .. past + i (SDPA's is_causal aligns top-left)
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -174,13 +237,26 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base)
         self.ffn = MoELayer.from_config(cfg.layer_config()) if moe else FFN(cfg.d_model, cfg.d_ff, cfg.activation)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo | None]:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+                ) -> tuple[torch.Tensor, RoutingInfo | None]:
+        x = x + self.attn(self.attn_norm(x), cache, layer)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             y, info = self.ffn(h)
             return x + y, info
         return x + self.ffn(h), None
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """``logits: [B, vocab]`` -> ``[B, 1]`` token ids: argmax (temperature 0) or a draw from the tempered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
 LOSS_TERMS = {"aux": "aux_loss", "z": "z_loss", "seq_aux": "seq_aux_loss", "device_aux": "device_aux_loss",
@@ -220,16 +296,24 @@ class MoETransformer(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[RoutingInfo]]:
-        """idx: ``[B, L]`` int64 -> ``(logits [B, L, vocab], routing info of each MoE layer)``."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list[RoutingInfo]]:
+        """idx: ``[B, L]`` int64 -> ``(logits [B, L, vocab], routing info of each MoE layer)``.
+
+        ``cache``: a :class:`KVCache` (from :meth:`new_cache`): ``idx`` holds the next ``L`` tokens after the
+        ``cache.length`` cached ones; their keys and values are appended and ``cache.length`` grows by ``L``.
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape [batch, seq_len], got shape {tuple(idx.shape)}")
+        if cache is not None and cache.batch != idx.shape[0]:
+            raise ValueError(f"cache holds batch={cache.batch} sequences, idx has {idx.shape[0]}")
         x = self.embed(idx)
         infos = []
-        for block in self.blocks:
-            x, info = block(x)
+        for i, block in enumerate(self.blocks):
+            x, info = block(x, cache, i)
             if info is not None:
                 infos.append(info)
+        if cache is not None:
+            cache.length += idx.shape[1]
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         return logits, infos
@@ -245,6 +329,50 @@ class MoETransformer(nn.Module):
             if self.loss_weights[term]:
                 total = total + self.loss_weights[term] * value
         return LossOutput(total, ce, infos=infos, **terms)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens, on this model's device
+        and in its dtype."""
+        weight = self.embed.weight
+        attn = self.blocks[0].attn
+        return KVCache(len(self.blocks), batch, attn.n_kv_heads, attn.head_dim, max_len, dtype=weight.dtype,
+                       device=weight.device)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Continue the prompts ``idx: [B, L]`` by ``max_new_tokens`` tokens -> ``[B, L + max_new_tokens]``.
+
+        ``temperature=0``: greedy (argmax); ``> 0``: sample from ``softmax(logits / temperature)``, restricted to
+        the ``top_k`` most likely tokens when given, with ``generator`` for repeatable draws. ``use_cache``: run
+        the prompt once (prefill), then one token per step through a :class:`KVCache` (decode); False
+        recomputes the whole sequence at every step (the slow reference; same tokens in eval mode when the
+        MoE layers are dropless: a capacity factor at eval makes routing depend on the batch of tokens).
+        Runs in eval mode (and restores the mode), without gradients.
+        """
+        if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be int64 of shape [batch, seq_len >= 1], got {idx.dtype} {tuple(idx.shape)}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.cfg.vocab_size):
+            raise ValueError(f"top_k must be None or an integer in [1, vocab_size={self.cfg.vocab_size}], got {top_k!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            out = idx
+            cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
+            step_input = idx
+            for _ in range(max_new_tokens):
+                logits = self(step_input if use_cache else out, cache)[0][:, -1].float()
+                token = _next_token(logits, temperature, top_k, generator)
+                out = torch.cat([out, token], dim=1)
+                step_input = token
+            return out
+        finally:
+            self.train(was_training)
 
     def training_hooks(self) -> list[TrainHook]:
         """Hooks this model needs in training (:func:`moe_lab.train.train` adds them): a

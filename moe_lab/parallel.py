@@ -22,52 +22,68 @@ tokens (losses such as the aux loss are per rank, like GShard's per-group losses
 
 Communication (dropless): each all-to-all sends ``tokens x k x d_model x bytes_per_element`` bytes per rank
 (:func:`all_to_all_bytes`; the slice for the rank's own experts included), in the compute dtype (bf16 under
-autocast halves it). A forward pass makes two (dispatch, combine); the backward pass two more.
+autocast halves it). A forward pass makes two (dispatch, combine); the backward pass two more. Before the
+dispatch, a small all-to-all of the per-expert counts tells every rank how many rows to expect (dropless
+splits are not known in advance). Under a :class:`moe_lab.timing.StepTimer` the parts of the exchange are timed
+(``"permute"``, ``"counts exchange"``, ``"dispatch all-to-all"``, ``"experts"``, ``"combine all-to-all"``,
+``"un-permute + combine"``; the all-to-alls again as ``"... (backward)"``) and their bytes recorded.
+
+Every rank must make the same collective calls in the same order, or its peers wait forever. So a rank with
+no tokens still runs the layer (forward and backward: it joins every exchange with empty splits), the layer
+checks at construction that every rank built it with the same arguments, and each exchange checks that every
+rank sends rows of the same dtype; a mismatch raises the same ``ValueError`` on every rank instead of hanging.
 """
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
+import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from .dispatch import sort_by_expert
 from .experts import Experts
-from .layer import MoELayer
+from .layer import MoELayer, RoutingInfo
 from .permute import combine_slots, gather_slots
+from .timing import record_bytes, region
 from .utils import compute_dtype
+
+
+def _exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, name: str) -> torch.Tensor:
+    """``all_to_all_single`` timed as region ``name``, its bytes recorded (see :mod:`moe_lab.timing`)."""
+    out = x.new_empty(sum(output_splits), *x.shape[1:])
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    own = input_splits[dist.get_rank(group)]
+    record_bytes(name, sum(input_splits) * row_bytes, (sum(input_splits) - own) * row_bytes)
+    with region(name):
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    return out
 
 
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` whose backward runs the reverse exchange on the gradients."""
 
     @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        out = x.new_empty(sum(output_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-        return out
+    def forward(ctx, x, output_splits, input_splits, group, name):
+        ctx.splits, ctx.group, ctx.name = (output_splits, input_splits), group, name
+        return _exchange(x, output_splits, input_splits, group, name)
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        grad_in = grad.new_empty(sum(input_splits), *grad.shape[1:])
-        dist.all_to_all_single(grad_in, grad.contiguous(), input_splits, output_splits, group=ctx.group)
-        return grad_in, None, None, None
+        return _exchange(grad, input_splits, output_splits, ctx.group, f"{ctx.name} (backward)"), None, None, None, None
 
 
 def all_to_all(
-    x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup | None = None
+    x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup | None = None,
+    name: str = "all-to-all",
 ) -> torch.Tensor:
     """Autograd-aware ``all_to_all_single``: rows ``x: [sum(input_splits), ...]`` are cut into ``input_splits``
-    (piece ``r`` goes to rank ``r``); returns ``[sum(output_splits), ...]`` with piece ``r`` from rank ``r``."""
-    return _AllToAll.apply(x, list(output_splits), list(input_splits), group)
+    (piece ``r`` goes to rank ``r``); returns ``[sum(output_splits), ...]`` with piece ``r`` from rank ``r``.
+    ``name``: the :mod:`moe_lab.timing` region (``name + " (backward)"`` for the gradients' exchange)."""
+    return _AllToAll.apply(x, list(output_splits), list(input_splits), group, name)
 
 
 def all_to_all_bytes(tokens: int, k: int, d_model: int, bytes_per_element: int) -> int:
@@ -82,12 +98,48 @@ class CommStats:
     dispatch_bytes / combine_bytes: bytes of token rows sent in the dispatch / combine all-to-all.
     rows_sent: token-slot rows this rank sent out (``tokens * k`` minus dropped slots).
     rows_received: rows it received for its local experts.
+    rank: this rank in the group.  input_splits: ``[P]`` rows it sent to each rank in the dispatch (the combine
+    receives as many back).  output_splits: ``[P]`` rows it received from each rank.
+    received_per_expert: ``[E_local]`` rows its local experts processed.
     """
 
     dispatch_bytes: int
     combine_bytes: int
     rows_sent: int
     rows_received: int
+    rank: int
+    input_splits: list[int]
+    output_splits: list[int]
+    received_per_expert: list[int]
+
+    @property
+    def off_rank_dispatch_bytes(self) -> int:
+        """Dispatch bytes that left this rank (its rows for its own experts excluded)."""
+        if not self.rows_sent:
+            return 0
+        return self.dispatch_bytes * (self.rows_sent - self.input_splits[self.rank]) // self.rows_sent
+
+
+_ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _exchange_counts(counts: torch.Tensor, dtype: torch.dtype, world: int, group) -> torch.Tensor:
+    """The counts all-to-all: ``counts: [E]`` rows this rank sends to each expert -> ``[P, E_local]`` rows each
+    rank sends to this rank's experts. Each rank also sends the dtype of its rows; every rank raises the same
+    ``ValueError`` if they differ (an all-to-all of mismatched rows would be garbage or hang)."""
+    code = _ROW_DTYPES.index(dtype) if dtype in _ROW_DTYPES else len(_ROW_DTYPES)
+    grid = counts.view(world, -1)
+    send = torch.cat([grid, grid.new_full((world, 1), code)], dim=1)
+    recv = torch.empty_like(send)
+    with region("counts exchange"):
+        dist.all_to_all_single(recv, send, group=group)
+    codes = recv[:, -1].tolist()
+    if len(set(codes)) > 1:
+        names = {i: str(d).replace("torch.", "") for i, d in enumerate(_ROW_DTYPES)}
+        sent = ", ".join(f"rank {r}: {names.get(c, 'other')}" for r, c in enumerate(codes))
+        raise ValueError(f"ranks send token rows of different dtypes ({sent}): every rank must run the layer "
+                         "in the same dtype (the same autocast setting)")
+    return recv[:, :-1]
 
 
 def expert_parallel_dispatch(
@@ -108,28 +160,54 @@ def expert_parallel_dispatch(
     world = dist.get_world_size(group)
     num_local = local_experts.num_experts
     k = experts.shape[1]
-    order, counts = sort_by_expert(experts, num_local * world, keep)  # [S] kept slots by expert, [E]
-    send = gather_slots(x.to(compute_dtype(x)), order, k)  # [S, d] by destination rank, then local expert
-    recv_counts = torch.empty_like(counts)
-    dist.all_to_all_single(recv_counts, counts, group=group)  # segment s: rank s's rows for my experts
-    grid = recv_counts.view(world, num_local)
+    with region("permute"):
+        order, counts = sort_by_expert(experts, num_local * world, keep)  # [S] kept slots by expert, [E]
+        rows = x.to(compute_dtype(x))
+        # [S, d] by destination rank, then local expert; with no tokens an empty slice, still in the graph
+        send = gather_slots(rows, order, k) if experts.shape[0] else rows[:0]
+    grid = _exchange_counts(counts, send.dtype, world, group)  # [P, E_local]: row s = rank s's rows for my experts
+    recv_counts = grid.reshape(-1)
     input_splits = counts.view(world, num_local).sum(1).tolist()
     output_splits = grid.sum(1).tolist()
-    recv = all_to_all(send, output_splits, input_splits, group)  # [R, d], by source rank, then local expert
-    # Regroup by local expert (source ranks in order inside an expert), run the experts, restore the order.
-    arange = torch.arange(world * num_local, device=recv_counts.device)
-    expert_major_key = (arange % num_local) * world + arange // num_local
-    perm = torch.argsort(expert_major_key.repeat_interleave(recv_counts), stable=True)
-    h = local_experts.forward_grouped(recv[perm], grid.sum(0))
-    back = all_to_all(torch.empty_like(h).index_copy(0, perm, h), input_splits, output_splits, group)
-    y = combine_slots(back, order, gates)  # token order, gate-weighted sum over k in float32
+    recv = all_to_all(send, output_splits, input_splits, group, "dispatch all-to-all")  # by source, then expert
+    with region("experts"):
+        # Regroup by local expert (source ranks in order inside an expert), run the experts, restore the order.
+        arange = torch.arange(world * num_local, device=recv_counts.device)
+        expert_major_key = (arange % num_local) * world + arange // num_local
+        perm = torch.argsort(expert_major_key.repeat_interleave(recv_counts), stable=True)
+        h = local_experts.forward_grouped(recv[perm], grid.sum(0))
+        h = torch.empty_like(h).index_copy(0, perm, h)
+    back = all_to_all(h, input_splits, output_splits, group, "combine all-to-all")
+    with region("un-permute + combine"):
+        if experts.shape[0]:
+            y = combine_slots(back, order, gates)  # token order, gate-weighted sum over k in float32
+        else:  # no tokens here; keep y in the graph so that the backward pass joins the exchanges too
+            y = back.new_zeros(0, x.shape[1]) + (back.sum() + gates.sum()) * 0
     stats = CommStats(
         dispatch_bytes=send.numel() * send.element_size(),
         combine_bytes=h.numel() * h.element_size(),
         rows_sent=send.shape[0],
         rows_received=recv.shape[0],
+        rank=dist.get_rank(group),
+        input_splits=input_splits,
+        output_splits=output_splits,
+        received_per_expert=grid.sum(0).tolist(),
     )
     return y, stats
+
+
+def check_same_on_every_rank(config: dict[str, Any], group: dist.ProcessGroup | None = None,
+                             what: str = "config") -> None:
+    """Raise the same ``ValueError`` on every rank of ``group`` unless all ranks passed an equal ``config``
+    (naming the first differing key and the ranks' values). A collective: every rank must call it."""
+    configs: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(configs, config, group=group)
+    for rank, other in enumerate(configs):
+        if other != configs[0]:
+            key = next((key for key in sorted(set(other) | set(configs[0]), key=str)
+                        if other.get(key) != configs[0].get(key)), None)
+            raise ValueError(f"{what} differ across ranks: rank 0 has {key}={configs[0].get(key)!r}, rank {rank} "
+                             f"has {key}={other.get(key)!r}; every rank must build the same layer")
 
 
 def _all_gather_rows(t: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -158,9 +236,15 @@ class ExpertParallelMoELayer(MoELayer):
             raise ValueError("ExpertParallelMoELayer needs an initialised process group (dist.init_process_group)")
         if options.get("dispatch", "sorted") != "sorted":
             raise ValueError(f"dispatch must be 'sorted' with expert parallelism, got {options['dispatch']!r}")
+        if dist.get_rank(group) < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given group: "
+                             "build the layer only on the ranks of its group")
         world = dist.get_world_size(group)
         if num_experts % world:
             raise ValueError(f"num_experts={num_experts} must be a multiple of the group size {world}")
+        check_same_on_every_rank(
+            {"d_model": d_model, "d_ff": d_ff, "num_experts": num_experts, "k": k, **options}, group,
+            what="ExpertParallelMoELayer arguments")
         self.group = group  # read by _num_local_experts during MoELayer.__init__ (a plain attribute: allowed)
         super().__init__(d_model, d_ff, num_experts, k, **options)
         self.num_local_experts = num_experts // world
@@ -201,6 +285,42 @@ class ExpertParallelMoELayer(MoELayer):
         y, self.last_comm = expert_parallel_dispatch(tokens, experts, gates, self.experts, keep, group=self.group)
         return y
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
+        """Like :meth:`MoELayer.forward`; a rank with no tokens (``x: [..., 0, d_model]``) still joins every
+        exchange, forward and backward, and gets an empty ``y`` (its losses in ``info`` are 0)."""
+        c = self.config
+        if x.numel() == 0 and x.dim() >= 2 and x.shape[-1] == c.d_model and x.is_floating_point():
+            return self._forward_no_tokens(x)
+        return super().forward(x)
+
+    def _forward_no_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
+        c = self.config
+        tokens = x.reshape(0, c.d_model)
+        clean = noise_std = None
+        if c.router == "noisy_topk":
+            clean, noise_std, logits = self.router(tokens)
+        else:
+            logits = self.router(tokens, c.router_dtype)
+        # nothing to route (the gating's reshapes may not accept an empty batch): empty selections
+        scores = probs = torch.zeros_like(logits, dtype=torch.float32)
+        experts = torch.empty(0, c.k, dtype=torch.long, device=x.device)
+        gates = torch.zeros(0, c.k, dtype=torch.float32, device=x.device)
+        capacity = keep = None
+        if self.current_capacity_factor is not None:
+            capacity, keep = self._capacity_keep(experts, scores.gather(1, experts))
+        # Every parameter gets a (zero) gradient, as on the ranks with tokens, so that the data-parallel all-reduce
+        # of the replicated gradients makes the same calls on every rank.
+        zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
+        y = self._run_experts(tokens, experts, gates, keep, capacity) + zero
+        info = RoutingInfo(
+            logits=logits, scores=scores, probs=probs, experts=experts, gates=gates,
+            tokens_per_expert=torch.zeros(c.num_experts, dtype=torch.long, device=x.device),
+            aux_loss=zero, z_loss=zero, seq_aux_loss=zero, device_aux_loss=zero, comm_aux_loss=zero,
+            dropped=torch.zeros_like(experts, dtype=torch.bool), drop_rate=0.0, capacity=capacity,
+            importance_loss=zero, batch_shape=tuple(x.shape[:-1]), clean_logits=clean, noise_std=noise_std,
+            load_loss=None if clean is None else zero)
+        return y.reshape(*x.shape[:-1], c.d_model), info
+
     def extra_repr(self) -> str:
         return (f"local experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1}, "
                 + super().extra_repr())
@@ -228,33 +348,3 @@ def broadcast_replicated(model: nn.Module, src: int = 0, group: dist.ProcessGrou
     with torch.no_grad():
         for p in replicated_parameters(model):
             dist.broadcast(p, src=src, group=group)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_rank(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        torch.save(fn(*args), os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()  # no rank closes its connections while a peer may still be reading from them
-    finally:
-        dist.destroy_process_group()
-
-
-def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo") -> list[Any]:
-    """Run ``fn(*args)`` in ``world_size`` fresh local processes joined in a process group; return the list
-    of their results (rank order). ``fn`` must be importable (defined in a module, not in a notebook cell)
-    and its result saveable with ``torch.save``. Each process uses one CPU thread."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_run_rank, args=(world_size, free_port(), backend, fn, args, out_dir), nprocs=world_size)
-        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)]

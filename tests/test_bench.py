@@ -1,14 +1,18 @@
-"""The benchmark harness: rows, JSON output, FLOP-matched dense baseline, memory measurement, skipping."""
+"""The benchmark harness: rows, JSON output, FLOP-matched dense baseline, memory measurement, skipping, the
+Hugging Face rows (same weights, same outputs), the sweep and the GPU suite's command line. No timings asserted."""
 import json
 
 import pytest
 import torch
 
-from moe_lab.bench import BenchConfig, build, format_table, main, onehot_bytes, peak_memory, run_benchmark
+from moe_lab import MoELayer
+from moe_lab.bench import (IMPLEMENTATIONS, BenchConfig, build, expert_flops, format_table, main, onehot_bytes,
+                           peak_memory, run_benchmark)
+from moe_lab.bench import hf, sweep
 
 TINY = BenchConfig(tokens=64, d_model=16, d_ff=24, experts=4, k=2, warmup=0, repeats=1)
 FIELDS = {"implementation", "device", "dtype", "tokens", "d_model", "d_ff", "experts", "k",
-          "fwd_ms", "fwd_bwd_ms", "tokens_per_s", "peak_mem_bytes"}
+          "fwd_ms", "fwd_bwd_ms", "tokens_per_s", "tflops", "peak_mem_bytes", "note"}
 
 
 def test_dense_row_has_the_active_flops_of_the_moe():
@@ -22,12 +26,16 @@ def test_dense_row_has_the_active_flops_of_the_moe():
 def test_rows_and_json(capsys):
     main(["--quick", "--json", "--device", "cpu"])
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert [r["implementation"] for r in rows] == ["dense", "sorted", "loop", "onehot"]
+    assert [r["implementation"] for r in rows] == list(IMPLEMENTATIONS)
     for r in rows:
-        assert FIELDS <= set(r)
+        assert FIELDS == set(r)
+        assert (r["device"], r["dtype"], r["tokens"], r["experts"]) == ("cpu", "fp32", 256, 8)
+        if r["note"]:  # a Hugging Face row this transformers lacks
+            assert r["implementation"].startswith("hf_") and r["note"].startswith("skipped")
+            continue
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mem_bytes"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["fwd_bwd_ms"] / 1e3), rel=1e-3)
-        assert (r["device"], r["dtype"], r["tokens"], r["experts"]) == ("cpu", "fp32", 256, 8)
+        assert r["tflops"] == pytest.approx(3 * 2 * 256 * 2 * 3 * 32 * 64 / (r["fwd_bwd_ms"] / 1e3) / 1e12, rel=1e-2)
 
 
 def test_table(capsys):
@@ -73,3 +81,119 @@ def test_bad_arguments():
         build("fast", TINY)
     with pytest.raises(ValueError, match="k must be"):
         main(["--k", "9", "--experts", "8"])
+
+
+def test_expert_flops_counts_three_gemms_per_matrix():
+    assert expert_flops(TINY) == 3 * 2 * 64 * 2 * 3 * 16 * 24
+    assert expert_flops(BenchConfig(**{**TINY.__dict__, "activation": "gelu"})) == 3 * 2 * 64 * 2 * 2 * 16 * 24
+
+
+@pytest.mark.parametrize("implementation", hf.EXPERTS_IMPLEMENTATIONS)
+def test_hf_block_has_the_layers_weights_and_outputs(implementation):
+    pytest.importorskip("transformers")
+    if implementation not in hf.experts_implementations():
+        pytest.skip(f"this transformers has no {implementation!r} experts")
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 6, 2)
+    block = hf.mixtral_block(layer, implementation)
+    x = torch.randn(40, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_hf = layer(x1)[0], block(x2)
+    torch.testing.assert_close(y_hf, y, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    (y_hf * weights).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_rows_use_the_sorted_rows_weights():
+    pytest.importorskip("transformers")
+    layer, block = build("sorted", TINY), build("hf_eager", TINY)
+    x = torch.randn(TINY.tokens, TINY.d_model)
+    torch.testing.assert_close(block(x), layer(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hf_rows_skipped_with_the_reason_without_transformers(monkeypatch):
+    monkeypatch.setattr(hf, "_transformers", lambda: None)
+    assert hf.experts_implementations() == ()
+    rows = run_benchmark(TINY, ("dense", "hf_eager", "hf_grouped_mm"))
+    assert rows[0].fwd_ms is not None
+    for r in rows[1:]:
+        assert r.fwd_ms is None and r.note.startswith("skipped: transformers is not installed")
+    table = format_table(rows)
+    assert "transformers is not installed" in table and "HF/x" in table
+
+
+def test_hf_rows_explain_what_they_cannot_run():
+    pytest.importorskip("transformers")
+    assert "SwiGLU experts only" in hf.unavailable("eager", "gelu")
+    with pytest.raises(ValueError, match="experts_implementation must be one of"):
+        hf.unavailable("fast")
+    with pytest.raises(ValueError, match="dropless"):
+        hf.mixtral_block(MoELayer(16, 24, 4, 2, capacity_factor=1.0))
+
+
+def test_sweep_configs_vary_one_axis_at_a_time():
+    points = sweep.sweep_configs(BenchConfig(experts=4, k=2), {"experts": (2, 4), "k": (1, 8)})
+    assert [(axis, value) for axis, value, _ in points] == [("experts", 2), ("experts", 4), ("k", 1)]  # k=8 > 4
+    assert [(c.experts, c.k, c.tokens) for _, _, c in points] == [(2, 2, 4096), (4, 2, 4096), (4, 1, 4096)]
+    with pytest.raises(ValueError, match="sweep axes"):
+        sweep.sweep_configs(TINY, {"d_model": (8,)})
+
+
+def test_sweep_table_json_and_plot(tmp_path, capsys):
+    plot = tmp_path / "sub" / "sweep.png"
+    plot.parent.mkdir()
+    main(["--sweep", "--quick", "--device", "cpu", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "sorted ms" in out and "plot saved to" in out
+    assert [line.split()[0] for line in out.splitlines()[3:9]] == ["tokens"] * 2 + ["experts"] * 2 + ["k"] * 2
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main(["--sweep", "--quick", "--device", "cpu", "--json", "--impl", "sorted", "loop"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert {r["implementation"] for r in rows} == {"dense", "sorted", "loop"} and len(rows) == 3 * 6
+
+
+def test_sweep_ratio_is_time_over_dense():
+    rows = run_benchmark(TINY, ("dense", "sorted"))
+    point = sweep.SweepPoint("tokens", 64, rows)
+    assert point.ratio("sorted") == pytest.approx(rows[1].fwd_bwd_ms / rows[0].fwd_bwd_ms)
+    assert point.ratio("loop") is None
+
+
+def test_command_line_errors():
+    with pytest.raises(ValueError, match="--plot needs --sweep"):
+        main(["--quick", "--plot", "x.png"])
+    with pytest.raises(ValueError, match="--gpu-suite needs --out"):
+        main(["--gpu-suite"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_gpu_suite_needs_a_gpu(tmp_path):
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main(["--gpu-suite", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_gpu_suite_report_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
+    """The suite's report path at a tiny size on CPU (the tests step stubbed: it would run pytest in pytest)."""
+    from moe_lab.bench import gpu
+
+    monkeypatch.setattr(gpu, "run_tests", lambda root: (0, "13 passed"))
+    status = gpu.run_gpu_suite(tmp_path, BenchConfig(**{**TINY.__dict__, "repeats": 1}))
+    assert status == 0
+    report = (tmp_path / "gpu_report.md").read_text()
+    assert "13 passed" in report and "TFLOP/s" in report and "Profile of `sorted`" in report
+    data = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert data["tests_exit_status"] == 0 and data["gemm_tflops"] > 0
+    assert [r["implementation"] for r in data["rows"]] == list(IMPLEMENTATIONS)
+
+
+def test_gpu_suite_finds_the_test_files():
+    from pathlib import Path
+
+    from moe_lab.bench import gpu
+
+    root = Path(__file__).resolve().parents[1]
+    assert all((root / f).exists() for f in gpu.TEST_FILES)
+    assert "no tests found" in gpu.run_tests(root / "nowhere")[1]

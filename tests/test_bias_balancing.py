@@ -10,10 +10,10 @@ from moe_lab.balancing import one_thread
 from moe_lab.bias_balancing import BiasBalancer, simulate_bias_balancing
 from moe_lab.data import stdlib_corpus
 from moe_lab.hooks import TrainHook
+from moe_lab.launch import run_local
 from moe_lab.losses import bias_update
 from moe_lab.metrics import max_violation
 from moe_lab.model import MoETransformer, toy_config
-from moe_lab.parallel import run_local
 from moe_lab.train import train
 
 SMALL = dict(d_model=32, n_layers=3, n_heads=2, d_ff=64)  # layer 0 dense, layers 1-2 MoE

@@ -35,6 +35,9 @@ def _reference_keep(experts, probs, num_experts, capacity, policy):
     slots = [(j, t) for j in range(k) for t in range(num_tokens)]  # first choices of all tokens first
     if policy == "probability":
         slots = sorted(slots, key=lambda s: -float(probs[s[1], s[0]]))  # stable: ties keep position order
+    if policy == "batch_priority":  # V-MoE: tokens by their top-1 probability, all first choices first
+        tokens = sorted(range(num_tokens), key=lambda t: -max(float(p) for p in probs[t]))
+        slots = [(j, t) for j in range(k) for t in tokens]
     used = [0] * num_experts
     keep = torch.zeros(num_tokens, k, dtype=torch.bool)
     for j, t in slots:
@@ -45,7 +48,7 @@ def _reference_keep(experts, probs, num_experts, capacity, policy):
     return keep
 
 
-@pytest.mark.parametrize("policy", ["position", "probability"])
+@pytest.mark.parametrize("policy", ["position", "probability", "batch_priority"])
 @pytest.mark.parametrize("num_tokens,num_experts,k,capacity", [(20, 4, 1, 3), (33, 8, 2, 5), (16, 4, 4, 7), (5, 3, 2, 0)])
 def test_capacity_mask_matches_reference(policy, num_tokens, num_experts, k, capacity):
     seed_everything(num_tokens)
@@ -63,6 +66,22 @@ def test_position_priority_first_choices_before_second():
     # expert 0's queue: t0 (1st), t2 (1st), t1 (2nd); expert 1's queue: t1 (1st), t0 (2nd), t2 (2nd)
     assert queue_positions(experts, 2).tolist() == [[0, 1], [0, 2], [1, 2]]
     assert capacity_mask(experts, 2, 2).tolist() == [[True, True], [True, False], [True, False]]
+
+
+def test_batch_priority_serves_first_choices_before_second_in_confidence_order():
+    # token 0 is hesitant (top-1 0.4), token 1 confident (0.8); both want expert 0, token 1 only as 2nd choice
+    experts = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    probs = torch.tensor([[0.4, 0.35], [0.8, 0.15], [0.6, 0.3]])
+    # tokens by top-1 probability: t1, t2, t0. Expert 0's queue: t2 (1st), t0 (1st), t1 (2nd); expert 1's: t1 (1st),
+    # t2 (2nd), t0 (2nd). With room for 2 on expert 1, V-MoE keeps the 2nd choice of the more confident token t2;
+    # ranking slots by their own probability keeps t0's (0.35 > 0.3)
+    assert queue_positions(experts, 2, probs, "batch_priority").tolist() == [[1, 2], [0, 2], [0, 1]]
+    assert capacity_mask(experts, 2, 1, probs, "batch_priority").tolist() == [[False, False], [True, False],
+                                                                              [True, False]]
+    assert capacity_mask(experts, 2, 2, probs, "probability")[:, 1].tolist() == [True, False, False]
+    assert capacity_mask(experts, 2, 2, probs, "batch_priority")[:, 1].tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="probs"):
+        capacity_mask(experts, 2, 2, None, "batch_priority")
 
 
 def test_probability_priority_keeps_most_confident():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moe_lab import MoELayer
-from moe_lab.bench import BenchConfig, run_benchmark
-from moe_lab.experts import Experts, fused_grouped_mm_usable, grouped_mm
+from moe_lab.bench import IMPLEMENTATIONS, BenchConfig, run_benchmark
+from moe_lab.experts import Experts, fused_grouped_mm_usable, grouped_mm, grouped_mm_kernel
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -26,6 +26,9 @@ def test_fused_usable_rules():
     assert fused_grouped_mm_usable(x, torch.zeros(2, 64, 32, device=CUDA, dtype=torch.bfloat16)) == SM90
     assert not fused_grouped_mm_usable(x.float(), torch.zeros(2, 64, 32, device=CUDA))  # fp32: fallback
     assert not fused_grouped_mm_usable(x[:, :36], torch.zeros(2, 36, 33, device=CUDA, dtype=torch.bfloat16))
+    w = torch.zeros(2, 64, 32, device=CUDA, dtype=torch.bfloat16)
+    assert grouped_mm_kernel(x, w).startswith("torch.nn.functional.grouped_mm") == SM90
+    assert grouped_mm_kernel(x, w, fused=False) == "per-expert matmuls on contiguous slices"
 
 
 @pytest.mark.skipif(not SM90, reason="fused grouped GEMM needs sm90+")
@@ -46,6 +49,25 @@ def test_fused_and_fallback_agree_forward_and_backward():
         assert a.dtype == b.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=2e-2)
     assert (results[True][2][[1, 4]] == 0).all()  # empty experts get zero weight gradient
+
+
+@pytest.mark.skipif(not SM90, reason="fused grouped GEMM needs sm90+")
+def test_grouped_experts_fused_and_per_expert_agree_with_gate_scale():
+    """Both expert paths of ``forward_grouped`` with the gate folded in: outputs and every gradient."""
+    counts = torch.tensor([37, 0, 128, 5, 0, 90, 1, 195], device=CUDA)
+    ffns = Experts(8, 64, 96).to(CUDA, torch.bfloat16)
+    x = torch.randn(int(counts.sum()), 64, device=CUDA, dtype=torch.bfloat16)
+    scale = torch.rand(x.shape[0], device=CUDA)
+    g = torch.randn(x.shape, device=CUDA, dtype=torch.bfloat16)
+    results = {}
+    for fused in (True, False):
+        xi, si = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+        ffns.zero_grad(set_to_none=True)
+        y = ffns.forward_grouped(xi, counts, fused=fused, scale=si)
+        y.backward(g)
+        results[fused] = [y, xi.grad, si.grad, ffns.w1.grad, ffns.w3.grad, ffns.w2.grad]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.skipif(not SM90, reason="fused grouped GEMM needs sm90+")
@@ -151,8 +173,8 @@ def test_benchmark_runs_on_cuda():
     cfg = BenchConfig(tokens=512, d_model=64, d_ff=96, experts=8, k=2, device="cuda", dtype="bf16",
                       warmup=1, repeats=2)
     rows = run_benchmark(cfg)
-    assert [r.implementation for r in rows] == ["dense", "sorted", "loop", "onehot"]
-    assert all(r.fwd_bwd_ms > 0 and r.peak_mem_bytes > 0 for r in rows)
+    assert [r.implementation for r in rows] == list(IMPLEMENTATIONS)
+    assert all(r.fwd_bwd_ms > 0 and r.peak_mem_bytes > 0 for r in rows if not r.note)
 
 
 def _nccl_equals_single_process() -> float:
@@ -166,6 +188,6 @@ def _nccl_equals_single_process() -> float:
 
 
 def test_expert_parallel_over_nccl():
-    from moe_lab.parallel import run_local
+    from moe_lab.launch import run_local
 
     assert run_local(_nccl_equals_single_process, 1, backend="nccl") == [0.0]

@@ -1,11 +1,16 @@
-"""Expert parallelism over gloo: 2 and 4 CPU processes equal the single-process MoELayer on all their tokens."""
+"""Expert parallelism over gloo: 2 and 4 CPU processes equal the single-process MoELayer on all their tokens,
+ranks without tokens included; what cannot work fails with the same clear error on every rank, never a hang."""
+import zlib
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from moe_lab import MoELayer, seed_everything
 from moe_lab.examples.train_expert_parallel import parse_args, train
-from moe_lab.parallel import ExpertParallelMoELayer, all_to_all, all_to_all_bytes, run_local
+from moe_lab.launch import WorkerError, run_local
+from moe_lab.parallel import ExpertParallelMoELayer, all_to_all, all_to_all_bytes
+from moe_lab.timing import StepTimer
 
 D_MODEL, D_FF, NUM_EXPERTS = 8, 12, 8
 HOT, COLD = (0, 5), (2, 3, 7)  # experts the router favours / never picks
@@ -22,6 +27,12 @@ SCENARIOS = {
     "deepseek_v3_bias_groups_shared": (
         {"k": 2, "score_func": "sigmoid", "selection_bias": True, "n_groups": 4, "topk_groups": 2,
          "group_score": "top2_sum", "routed_scaling_factor": 2.5, "n_shared": 1}, lambda w: [16] * w),
+    # a rank with no tokens still joins every exchange (else its peers hang)
+    "dropless_last_rank_without_tokens": ({"k": 2}, lambda w: [16] * (w - 1) + [0]),
+    "capacity_first_rank_without_tokens": ({"k": 2, "capacity_factor": 1.0}, lambda w: [0] + [20] * (w - 1)),
+    "deepseek_v3_last_rank_without_tokens": (  # shared expert and bias: every parameter still gets a gradient
+        {"k": 2, "score_func": "sigmoid", "selection_bias": True, "n_groups": 4, "topk_groups": 2,
+         "group_score": "top2_sum", "routed_scaling_factor": 2.5, "n_shared": 1}, lambda w: [16] * (w - 1) + [0]),
 }
 
 
@@ -29,12 +40,12 @@ def _build(name: str, world: int):
     """The same layer, inputs and output weights in every process: the single-process reference setup."""
     opts, sizes = SCENARIOS[name]
     sizes = sizes(world)
-    seed_everything(world * 100 + sorted(SCENARIOS).index(name))
+    seed_everything(world * 100 + zlib.crc32(name.encode()) % 97)  # a scenario's seed does not depend on the others
     layer = MoELayer(D_MODEL, D_FF, NUM_EXPERTS, **opts)
     x = torch.randn(sum(sizes), D_MODEL)
     x[:, 0] = x[:, 0].abs() + 1  # a positive feature the router can key on
     with torch.no_grad():
-        layer.router.weight[list(HOT), 0] += 0.5  # hot experts: uneven load
+        layer.router.weight[list(HOT), 0] += 1.0  # hot experts: uneven load
         layer.router.weight[list(COLD), 0] -= 30.0  # cold experts: empty
         if layer.expert_bias is not None:  # a non-zero selection bias, which from_layer must copy
             layer.expert_bias.copy_(torch.linspace(-0.05, 0.05, NUM_EXPERTS))
@@ -50,9 +61,12 @@ def _ep_worker(names: list[str]) -> dict:
         ep = ExpertParallelMoELayer.from_layer(layer)
         start = sum(sizes[:rank])
         x_local = x[start : start + sizes[rank]].clone().requires_grad_(True)
-        y, info = ep(x_local)
-        (y * weight[start : start + sizes[rank]]).sum().backward()
+        timer = StepTimer()
+        with timer.step():
+            y, info = ep(x_local)
+            (y * weight[start : start + sizes[rank]]).sum().backward()
         out[name] = {
+            "bytes": dict(timer.steps[0].bytes_sent), "off_rank_bytes": dict(timer.steps[0].off_rank_bytes),
             "y": y.detach(), "x_grad": x_local.grad, "dropped": info.dropped, "capacity": info.capacity,
             "experts": info.experts, "router_grad": ep.router.weight.grad,
             "expert_grads": {n: p.grad for n, p in ep.experts.named_parameters()},
@@ -73,7 +87,30 @@ def _ep_worker(names: list[str]) -> dict:
         ExpertParallelMoELayer(D_MODEL, D_FF, world + 1, 1)
     except ValueError as e:
         out["error"] = str(e)
+    out["dtype_error"] = _mixed_dtypes()
+    out["group_error"] = _not_in_group()
     return out
+
+
+def _mixed_dtypes() -> str:
+    """Rank 0 runs the layer under bf16 autocast, the others in fp32: every rank must refuse."""
+    layer = ExpertParallelMoELayer.from_layer(MoELayer(D_MODEL, D_FF, NUM_EXPERTS, 2))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dist.get_rank() == 0):
+            layer(torch.randn(6, D_MODEL))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _not_in_group() -> str:
+    """A group of rank 0 alone: rank 0 builds its layer (all experts), the other ranks are refused."""
+    group = dist.new_group([0])  # every rank takes part in creating a group
+    try:
+        layer = ExpertParallelMoELayer(D_MODEL, D_FF, NUM_EXPERTS, 2, group=group)
+        return f"built with {layer.num_local_experts} local experts"
+    except ValueError as e:
+        return str(e)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
@@ -137,6 +174,47 @@ def test_all_to_all_forward_and_backward(distributed):
 def test_bad_expert_count(distributed):
     world, results = distributed
     assert all(f"multiple of the group size {world}" in r["error"] for r in results)
+
+
+def test_mixed_dtypes_fail_on_every_rank(distributed):
+    _, results = distributed
+    assert all("rank 0: bfloat16, rank 1: float32" in r["dtype_error"] for r in results)
+
+
+def test_layer_refuses_a_group_without_this_rank(distributed):
+    _, results = distributed
+    assert results[0]["group_error"] == f"built with {NUM_EXPERTS} local experts"
+    assert all("not a member of the given group" in r["group_error"] for r in results[1:])
+
+
+def test_timer_records_the_bytes_of_all_four_exchanges(distributed):
+    world, results = distributed
+    for name in SCENARIOS:
+        for rank, r in enumerate(results):
+            comm, sent, off = r[name]["comm"], r[name]["bytes"], r[name]["off_rank_bytes"]
+            assert sent["dispatch all-to-all"] == comm.dispatch_bytes
+            assert sent["combine all-to-all"] == comm.combine_bytes
+            # backward: the gradients go back along the same routes, the other way round
+            assert sent["combine all-to-all (backward)"] == comm.dispatch_bytes
+            assert sent["dispatch all-to-all (backward)"] == comm.combine_bytes
+            row = D_MODEL * 4
+            assert off["dispatch all-to-all"] == comm.off_rank_dispatch_bytes == (
+                comm.rows_sent - comm.input_splits[rank]) * row
+            assert off["combine all-to-all"] == (comm.rows_received - comm.output_splits[rank]) * row
+            assert sum(comm.received_per_expert) == comm.rows_received == sum(comm.output_splits)
+            # what rank r sends to rank s is what rank s receives from rank r
+            assert [results[s][name]["comm"].output_splits[rank] for s in range(world)] == comm.input_splits
+
+
+def _mismatched_worker() -> None:
+    rank = dist.get_rank()
+    ExpertParallelMoELayer(D_MODEL, D_FF, 6, k=1 + rank % 2)
+
+
+def test_mismatched_configs_raise_instead_of_hanging():
+    # 3 ranks (odd), rank 1 asks for k=2: every rank raises; a hang would end in TimeoutError instead
+    with pytest.raises(WorkerError, match="arguments differ across ranks: rank 0 has k=1, rank 1 has k=2"):
+        run_local(_mismatched_worker, 3, timeout=60)
 
 
 def test_example_trains_and_reports_bytes(distributed):

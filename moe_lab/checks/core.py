@@ -1,15 +1,30 @@
 """The exercise checker: run a student's function on visible (notebook) or hidden (grader) cases and
-compare it with the library's reference, never raising on a wrong or unfinished answer."""
+compare it with the library's reference, never raising on a wrong or unfinished answer.
+
+The same judging serves ``check`` (in the notebook) and the instructor's grader: the student's function is called
+by :func:`moe_lab.checks.calls.run_case` under the integrity guard (:mod:`moe_lab.checks.integrity`), and what
+it returned (plain data) is judged here by :func:`judge_case`.
+"""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import reprlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ..utils import seed_everything
+from . import calls, integrity
+from .calls import STUB_MESSAGE, run_case  # noqa: F401  (STUB_MESSAGE: course.py imports it from here)
+
+integrity.trust(integrity.trusted_codes(vars(calls)))  # the calling code is the checker's, not moe_lab's library
+
+RULE = ("a graded function may not call into moe_lab (its references, its checks or its library code) unless "
+        "its exercise allows it")
 
 
 @dataclass
@@ -30,14 +45,16 @@ class Exercise:
     ``cases(hidden)`` builds the cases (hidden ones only for the grader) after the checker seeds the RNGs.
 
     Feedback and integrity:
-    - ``hint``: the first hint, shown with a failing case; it names the idea, not the code.
-    - ``hints``: further hints, each more concrete than the last, revealed on request; only an exercise that is
-      mechanical may end with code.
+    - ``hint``: the first hint (tier 1), shown with a failing case; it names the idea, not the code.
+    - ``hints``: further hints (tiers 2, 3, ...), each more concrete than the last, revealed one at a time by
+      ``moe_lab.checks.hint(id)``; only an exercise that is mechanical may end with code.
     - ``mistakes``: known wrong variants, ``description -> function`` with the reference's signature; when the
-      student's output on a failing case matches one, the verdict says "this looks like <description>".
+      student's result on a failing case matches one (the checker's tolerances), the verdict says
+      "this looks like <description>".
     - ``allow``: the ``moe_lab`` code the student's function may call, as qualified names
-      (``"moe_lab.routing.softmax_topk"``) or module prefixes (``"moe_lab.balancing"``); any other call into
-      ``moe_lab`` while the function runs scores 0.
+      (``"moe_lab.routing.softmax_topk"``, ``"moe_lab.layer.MoELayer.forward"``) or prefixes of them (a module
+      ``"moe_lab.balancing"`` or a class ``"moe_lab.layer.MoELayer"``); whatever such code calls in turn is
+      allowed too. Any other call into ``moe_lab`` while the function runs scores 0.
     """
 
     id: str
@@ -53,6 +70,33 @@ class Exercise:
     rtol: float = 1e-5
     atol: float = 1e-6
 
+    def __post_init__(self):
+        self.hints, self.allow = tuple(self.hints), tuple(self.allow)
+        if not all(isinstance(h, str) and h for h in (self.hint, *self.hints)):
+            raise TypeError(f"{self.id}: hint and hints must be non-empty strings")
+        if not (isinstance(self.mistakes, dict) and all(isinstance(k, str) and callable(v)
+                                                        for k, v in self.mistakes.items())):
+            raise TypeError(f"{self.id}: mistakes must be a dict of description -> function")
+        for entry in self.allow:
+            if not (isinstance(entry, str) and entry.startswith("moe_lab.")
+                    and all(part.isidentifier() for part in entry.split("."))):
+                raise ValueError(f"{self.id}: allow entries are dotted names under moe_lab "
+                                 f"('moe_lab.routing.softmax_topk', 'moe_lab.balancing'), got {entry!r}")
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """All hints in order: tier 1 is ``hint``."""
+        return (self.hint, *self.hints)
+
+    def parameter(self, i: int) -> str:
+        """The name of positional argument ``i`` in the reference's signature, as `name`."""
+        try:
+            params = [p.name for p in inspect.signature(self.reference).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            params = []
+        return f"`{params[i]}`" if i < len(params) else f"argument {i}"
+
 
 def with_weights(module: torch.nn.Module, **tensors: torch.Tensor) -> torch.nn.Module:
     """Replace parameters of ``module`` by the given tensors themselves (``router__weight=`` sets
@@ -65,7 +109,6 @@ def with_weights(module: torch.nn.Module, **tensors: torch.Tensor) -> torch.nn.M
 
 
 REGISTRY: dict[str, Exercise] = {}
-STUB_MESSAGE = "replace this line with your code"  # what an unfinished exercise raises (see course.py)
 
 
 def exercise(id: str, *, function: str, title: str, points: int, reference: Callable, hint: str, **options):
@@ -105,65 +148,114 @@ class CheckResult:
         return head + f"{self.message} (0/{self.max_points} points)"
 
 
-def _fresh(value: Any, grad: bool = False) -> Any:
-    value = copy.deepcopy(value)
-    if grad and isinstance(value, torch.Tensor):
-        value = value.detach().requires_grad_(True)
+# --------------------------------------------------------------------------------------------- describing values
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxtuple, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 60, 60
+_REPR.maxlong = 40
+
+
+def scalar(value: Any) -> str:
+    """A number or boolean as a person writes it: ``True``, ``3``, ``0.885``."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return describe(value)
+
+
+def _nested(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_nested(v) for v in value) + "]"
+    return scalar(value)
+
+
+def describe(value: Any, limit: int = 120) -> str:
+    """A short description of a value, never longer than about ``limit`` characters nor materialising a big
+    tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and value.dim() == 0:
+            return scalar(value.item())
+        if value.numel() <= 32:
+            text = _nested(value.tolist())
+            if len(text) <= limit:
+                return text
+        head = value[(0,) * (value.dim() - 1)][:6].tolist() if value.dim() and value.numel() else []
+        return (f"tensor of shape {tuple(value.shape)}, {value.dtype}"
+                + (f", starting {', '.join(scalar(v) for v in head)}, ..." if head else ""))
+    if isinstance(value, (bool, int, float)):
+        return scalar(value)
+    if isinstance(value, _Unsupported):
+        return f"a {type(value).__name__} object"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Unsupported:
+    """Stands for a returned object of a type the checker does not load (its name shows in the verdict)."""
+
+
+def revive(value: Any) -> Any:
+    """Plain data from :func:`moe_lab.checks.calls.plain`, with unsupported objects as stand-ins named like them."""
+    if isinstance(value, dict) and set(value) == {"__unsupported__"}:
+        return type(str(value["__unsupported__"]), (_Unsupported,), {})()
+    if isinstance(value, (tuple, list)):
+        return type(value)(revive(v) for v in value)
     return value
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        text = str(value.detach().cpu().tolist())
-        return text if len(text) <= 120 else text[:117] + "..."
-    return repr(value)
+def _kind(value: Any) -> str:
+    return "a torch.Tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def compare(expected: Any, got: Any, rtol: float, atol: float, what: str = "output") -> str | None:
     """``None`` if ``got`` matches ``expected`` (recursively, tensors to tolerance), else why not."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
-            return f"{what} should be a torch.Tensor, got {type(got).__name__}"
+            return f"{what} should be a torch.Tensor, got {_kind(got)} ({describe(got)})"
         if tuple(got.shape) != tuple(expected.shape):
             return f"{what} should have shape {tuple(expected.shape)}, got {tuple(got.shape)}"
         if got.dtype != expected.dtype:
             return f"{what} should have dtype {expected.dtype}, got {got.dtype}"
         if expected.numel() == 0:
             return None
-        exp, act = expected.detach().cpu().double(), got.detach().cpu().double()
-        close = torch.isclose(act, exp, rtol=rtol, atol=atol, equal_nan=True)
+        exp, act = expected.detach().cpu(), got.detach().cpu()
+        close = torch.isclose(act.double(), exp.double(), rtol=rtol, atol=atol, equal_nan=True)
         if bool(close.all()):
             return None
+        if expected.numel() == 1:
+            return f"{what}: expected {scalar(exp.flatten()[0].item())}, got {scalar(act.flatten()[0].item())}"
         idx = tuple(int(i) for i in torch.nonzero(~close)[0])
-        return (
-            f"{what} differs at index {list(idx)}: expected {exp[idx].item():.6g}, got {act[idx].item():.6g}"
-            f" (expected {_describe(expected)}, got {_describe(got)})"
-        )
+        return (f"{what} differs at index {list(idx)}: expected {scalar(exp[idx].item())}, got "
+                f"{scalar(act[idx].item())} (expected {describe(expected)}, got {describe(got)})")
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
-            return f"{what} should be a {type(expected).__name__} of {len(expected)} items, got {_describe(got)}"
+            return f"{what} should be a {type(expected).__name__} of {len(expected)} items, got {describe(got)}"
         for i, (e, g) in enumerate(zip(expected, got)):
             problem = compare(e, g, rtol, atol, f"{what}[{i}]")
             if problem:
                 return problem
         return None
-    if isinstance(expected, float):
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
+    if isinstance(got, torch.Tensor) and got.numel() == 1 and isinstance(expected, (bool, int, float)):
+        if isinstance(expected, float) or (got.dtype == torch.bool) == isinstance(expected, bool):
             got = got.item()
-        if not isinstance(got, (int, float)) or not math.isclose(got, expected, rel_tol=rtol, abs_tol=atol):
-            return f"{what}: expected {expected!r}, got {_describe(got)}"
+    if isinstance(expected, float):
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isclose(
+                got, expected, rel_tol=rtol, abs_tol=atol):
+            return f"{what}: expected {scalar(expected)}, got {describe(got)}"
         return None
-    if isinstance(expected, int) and isinstance(got, torch.Tensor) and got.numel() == 1 and not got.is_floating_point():
-        got = got.item()
-    if type(got) is not type(expected) and not (isinstance(expected, int) and isinstance(got, int)):
-        return f"{what}: expected {_describe(expected)} ({type(expected).__name__}), got {_describe(got)} ({type(got).__name__})"
+    if type(got) is not type(expected) and not (isinstance(expected, int) and isinstance(got, int)
+                                                and not isinstance(got, bool) and not isinstance(expected, bool)):
+        return (f"{what}: expected {describe(expected)} ({type(expected).__name__}), "
+                f"got {describe(got)} ({_kind(got)})")
     if got != expected:
-        return f"{what}: expected {_describe(expected)}, got {_describe(got)}"
+        return f"{what}: expected {describe(expected)}, got {describe(got)}"
     return None
 
 
-NOT_DIFFERENTIABLE = ("output is not differentiable: gradients must reach the inputs "
-                      "(no .detach(), .item() or in-place tricks)")
+# --------------------------------------------------------------------------------------------- cases and references
 
 
 @dataclass
@@ -176,23 +268,11 @@ class Reference:
     grads: tuple = ()
 
 
-def exercise_cases(ex: Exercise, seed: int, hidden: bool) -> list[tuple[Case, bool]]:
-    """``(case, is_hidden)`` pairs: the visible cases, then (if ``hidden``) the hidden ones, for ``seed``."""
-    cases = []
-    for is_hidden in (False, True) if hidden else (False,):
-        seed_everything(seed + (1000 if is_hidden else 0))
-        cases += [(case, is_hidden) for case in ex.cases(is_hidden)]
-    return cases
-
-
-def first_output(value: Any) -> Any:
-    """The output that gradients are checked on: the first item of a tuple or list, else the value."""
-    return value[0] if isinstance(value, (tuple, list)) and value else value
-
-
-def _call(fn: Callable, case: Case) -> tuple[Any, list[torch.Tensor]]:
-    args = [_fresh(a, grad=i in case.grad_wrt) for i, a in enumerate(case.args)]
-    return fn(*args, **_fresh(case.kwargs)), [args[i] for i in case.grad_wrt]
+def _fresh(value: Any, grad: bool = False) -> Any:
+    value = copy.deepcopy(value)
+    if grad and isinstance(value, torch.Tensor):
+        value = value.detach().requires_grad_(True)
+    return value
 
 
 def _detached(value: Any) -> Any:
@@ -203,40 +283,141 @@ def _detached(value: Any) -> Any:
     return value
 
 
-def reference_answer(ex: Exercise, case: Case) -> Reference:
-    """Run the exercise's reference on (copies of) the case's inputs."""
+def first_output(value: Any) -> Any:
+    """The output that gradients are checked on: the first item of a tuple or list, else the value."""
+    return value[0] if isinstance(value, (tuple, list)) and value else value
+
+
+def reference_answer(fn: Callable, case: Case, weights: torch.Tensor | None = None) -> Reference:
+    """Run a reference (or a known mistake) on copies of the case's inputs; gradient cases use the cotangent
+    ``weights`` (default: drawn from a fixed seed, the same for every function with that output shape)."""
+    args = [_fresh(a, grad=i in case.grad_wrt) for i, a in enumerate(case.args)]
     with torch.random.fork_rng():
-        expected, inputs = _call(ex.reference, case)
+        expected = fn(*args, **_fresh(case.kwargs))
     ref = Reference(_detached(expected))
     if case.grad_wrt:
         out = first_output(expected)
-        ref.weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-        ref.grads = torch.autograd.grad((out * ref.weights).sum(), inputs, allow_unused=True)
+        ref.weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype) \
+            if weights is None else weights
+        ref.grads = torch.autograd.grad((out * ref.weights).sum(), [args[i] for i in case.grad_wrt],
+                                        allow_unused=True)
     return ref
 
 
-def compare_gradients(ex: Exercise, case: Case, ref: Reference, grads: list) -> str | None:
-    """``None`` if the student's input gradients match the reference's, else why not."""
-    for i, expected, got in zip(case.grad_wrt, ref.grads, grads):
+_MISTAKES_LOCK = threading.Lock()
+
+
+@dataclass
+class GradedCase:
+    """A case (visible or hidden) of exercise ``ex`` with its reference answer; the answers of the exercise's
+    known mistakes are computed when first needed (thread-safe)."""
+
+    ex: Exercise
+    case: Case
+    hidden: bool
+    ref: Reference
+    _mistakes: list | None = field(default=None, repr=False)
+
+    def mistake_answers(self) -> list[tuple[str, Reference | None]]:
+        with _MISTAKES_LOCK:
+            if self._mistakes is None:
+                answers = []
+                for description, fn in self.ex.mistakes.items():
+                    try:
+                        answers.append((description, reference_answer(fn, self.case, self.ref.weights)))
+                    except Exception:  # a mistake that does not apply to this case
+                        answers.append((description, None))
+                self._mistakes = answers
+            return self._mistakes
+
+
+def exercise_cases(ex: Exercise, seed: int, hidden: bool) -> list[tuple[Case, bool]]:
+    """``(case, is_hidden)`` pairs: the visible cases, then (if ``hidden``) the hidden ones, for ``seed``."""
+    cases = []
+    for is_hidden in (False, True) if hidden else (False,):
+        seed_everything(seed + (1000 if is_hidden else 0))
+        cases += [(case, is_hidden) for case in ex.cases(is_hidden)]
+    return cases
+
+
+def graded_case(ex: Exercise, case: Case, hidden: bool) -> GradedCase:
+    return GradedCase(ex, case, hidden, reference_answer(ex.reference, case))
+
+
+def case_input(item: GradedCase) -> dict:
+    """What :func:`moe_lab.checks.calls.run_case` takes: fresh copies of the case's inputs and its cotangent."""
+    return {"args": [_fresh(a) for a in item.case.args], "kwargs": _fresh(item.case.kwargs),
+            "grad_wrt": list(item.case.grad_wrt), "weights": item.ref.weights}
+
+
+# --------------------------------------------------------------------------------------------- judging
+
+
+def _gradient_problem(ex: Exercise, item: GradedCase, expected_grads, rec: dict) -> str | None:
+    if rec.get("grad_error"):
+        return str(rec["grad_error"])
+    grads = rec.get("grads")
+    if not (isinstance(grads, list) and len(grads) == len(item.case.grad_wrt)):
+        return "the checker could not read the gradients of your function"
+    for i, expected, got in zip(item.case.grad_wrt, expected_grads, grads):
         if got is None:
-            return f"no gradient reaches argument {i}: it should influence the output differentiably"
-        problem = compare(expected, got, ex.rtol * 10, ex.atol * 10, f"gradient w.r.t. argument {i}")
+            return f"no gradient reaches case input {ex.parameter(i)}: it should influence the output differentiably"
+        if expected is None:
+            expected = torch.zeros_like(item.case.args[i])
+        problem = compare(expected, revive(got), ex.rtol * 10, ex.atol * 10, f"gradient w.r.t. {ex.parameter(i)}")
         if problem:
             return problem
     return None
 
 
-def _run_case(ex: Exercise, fn: Callable, case: Case) -> str | None:
-    ref = reference_answer(ex, case)
-    got, inputs = _call(fn, case)
-    problem = compare(ref.expected, got, ex.rtol, ex.atol)
-    if problem or not case.grad_wrt:
-        return problem
-    out = first_output(got)
-    if not (isinstance(out, torch.Tensor) and out.requires_grad):
-        return NOT_DIFFERENTIABLE
-    grads = torch.autograd.grad((out * ref.weights.to(out.dtype)).sum(), inputs, allow_unused=True)
-    return compare_gradients(ex, case, ref, grads)
+def _looks_like(ex: Exercise, item: GradedCase, rec: dict, output_ok: bool) -> str:
+    """``"; this looks like <description>"`` if the failing result matches a known mistake, else ``""``."""
+    if not ex.mistakes:
+        return ""
+    got = revive(rec.get("out"))
+    for description, answer in item.mistake_answers():
+        if answer is None or compare(answer.expected, got, ex.rtol, ex.atol) is not None:
+            continue
+        if output_ok and _gradient_problem(ex, item, answer.grads, rec) is not None:
+            continue
+        return f"; this looks like {description}"
+    return ""
+
+
+def judge_case(ex: Exercise, item: GradedCase, rec: dict) -> str | None:
+    """Why the result ``rec`` (from :func:`~moe_lab.checks.calls.run_case`) fails the case; ``None`` if it
+    passes. Raises nothing for anything a student's function returned."""
+    if not isinstance(rec, dict):
+        return "the checker could not read what your function returned"
+    if "raised" in rec:
+        return f"raised {rec['raised']}"
+    if "too_large" in rec:
+        return str(rec["too_large"])
+    problem = compare(item.ref.expected, revive(rec.get("out")), ex.rtol, ex.atol)
+    if problem:
+        return problem + _looks_like(ex, item, rec, output_ok=False)
+    if item.case.grad_wrt:
+        problem = _gradient_problem(ex, item, item.ref.grads, rec)
+        if problem:
+            return problem + _looks_like(ex, item, rec, output_ok=True)
+    return None
+
+
+def failure_message(ex: Exercise, item: GradedCase, problem: str, say_visible: bool = False) -> str:
+    kind = ("hidden " if item.hidden else "visible ") if say_visible else ""
+    more = f" (more: hint({ex.id!r}))" if ex.hints else ""
+    return f"{kind}case '{item.case.name}' failed: {problem}. Hint: {ex.hint}{more}"
+
+
+def integrity_message(ex: Exercise, violation: str | None, tamper: str | None) -> str:
+    allowed = f"this one allows {', '.join(ex.allow)}" if ex.allow else "this one allows none"
+    if tamper:
+        return (f"the integrity check was interfered with while {ex.function} ran ({tamper}); {RULE} "
+                f"({allowed})")
+    if violation.startswith("started a process"):
+        return (f"{ex.function} {violation} while being graded; a graded function may not start processes "
+                "(they run outside the integrity check)")
+    return f"{ex.function} {violation} while being graded; {RULE} ({allowed})"
 
 
 def run_check(exercise_id: str, fn: Callable, *, hidden: bool = False, seed: int = 0) -> CheckResult:
@@ -251,27 +432,51 @@ def run_check(exercise_id: str, fn: Callable, *, hidden: bool = False, seed: int
     if not callable(fn):
         result.message = f"expected a function named {ex.function}, got {type(fn).__name__}"
         return result
-    cases = [case for case, _ in exercise_cases(ex, seed, hidden)]
+    cases = exercise_cases(ex, seed, hidden)
     result.total_cases = len(cases)
-    for case in cases:
-        try:
-            with torch.random.fork_rng():
-                problem = _run_case(ex, fn, case)
-        except NotImplementedError as err:
-            if str(err) in ("", STUB_MESSAGE):  # a stub; torch's NotImplementedError (with a message) is an error
-                result.status = "not implemented"
-                return result
-            problem = f"raised NotImplementedError: {err}"
-        except Exception as err:  # the student's code raised: report it, never re-raise
-            problem = f"raised {type(err).__name__}: {err}"
+    guard = integrity.Guard(ex.allow)
+    for case, is_hidden in cases:
+        item = graded_case(ex, case, is_hidden)
+        with torch.random.fork_rng():
+            rec = run_case(fn, case_input(item), guard)
+        if guard.violation or guard.tamper:
+            result.message = integrity_message(ex, guard.violation, guard.tamper)
+            return result
+        if rec.get("not_implemented"):
+            result.status = "not implemented"
+            return result
+        problem = judge_case(ex, item, rec)
         if problem:
-            result.message = f"case '{case.name}' failed: {problem}. Hint: {ex.hint}"
+            result.message = failure_message(ex, item, problem)
             return result
         result.passed_cases += 1
     result.status, result.points = "passed", ex.points
     return result
 
 
+# --------------------------------------------------------------------------------------------- the notebook
+
+_REVEALED: dict[str, int] = {}  # exercise id -> hint tiers shown so far in this kernel
+
+
 def check(exercise_id: str, fn: Callable) -> None:
     """Notebook check cell: print one line with the verdict on the visible cases."""
-    print(run_check(exercise_id, fn))
+    result = run_check(exercise_id, fn)
+    if result.status == "failed" and exercise_id in REGISTRY:
+        _REVEALED[exercise_id] = max(_REVEALED.get(exercise_id, 0), 1)
+    print(result)
+
+
+def hint(exercise_id: str, tier: int | None = None) -> None:
+    """Print the next hint of an exercise (tier 1 is the one a failing check shows), or hint number ``tier``."""
+    ex = REGISTRY.get(exercise_id)
+    if ex is None:
+        raise ValueError(f"exercise_id must be one of {sorted(REGISTRY)}, got {exercise_id!r}")
+    tiers = ex.tiers
+    if tier is None:
+        tier = min(_REVEALED.get(exercise_id, 0) + 1, len(tiers))
+    if isinstance(tier, bool) or not isinstance(tier, int) or not 1 <= tier <= len(tiers):
+        raise ValueError(f"tier must be an int from 1 to {len(tiers)} for {exercise_id}, got {tier!r}")
+    _REVEALED[exercise_id] = max(_REVEALED.get(exercise_id, 0), tier)
+    last = " (the last one)" if tier == len(tiers) else f" (next: hint({exercise_id!r}))"
+    print(f"Hint {tier}/{len(tiers)} for {ex.id} {ex.function}{last}: {tiers[tier - 1]}")

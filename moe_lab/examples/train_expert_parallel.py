@@ -35,10 +35,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moe_lab.launch import run_local
 from moe_lab.layer import MoELayer
-from moe_lab.parallel import (
-    ExpertParallelMoELayer, all_to_all_bytes, allreduce_replicated_grads, broadcast_replicated, run_local,
-)
+from moe_lab.parallel import ExpertParallelMoELayer, all_to_all_bytes, allreduce_replicated_grads, broadcast_replicated
 from moe_lab.utils import seed_everything
 
 

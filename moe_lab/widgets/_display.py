@@ -18,8 +18,9 @@ def png_bytes(fig: Figure, dpi: int = 80) -> bytes:
 class FigureDashboard(widgets.VBox):
     """A VBox of control rows, a text line and a plot. Subclasses implement ``update``.
 
-    ``controls``: name -> ipywidget; ``last``: the data drawn last; ``png``: that drawing as PNG bytes (also
-    offered in the display bundle, so a saved notebook shows the figure without a live kernel).
+    ``controls``: name -> ipywidget; ``last``: the data drawn last; ``png``: that drawing as PNG bytes. The
+    display bundle also offers the first render as static HTML (the text line above the figure) and PNG, which
+    JupyterLab shows where it does not run the widget (an untrusted notebook) and GitHub shows.
     """
 
     def __init__(self, controls: dict[str, widgets.Widget], rows: list[list[str]]):
@@ -47,5 +48,7 @@ class FigureDashboard(widgets.VBox):
 
     def _repr_mimebundle_(self, **kwargs) -> dict:
         bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["image/png"] = base64.b64encode(self.png).decode("ascii")
+        png = base64.b64encode(self.png).decode("ascii")
+        bundle["image/png"] = png
+        bundle["text/html"] = f'<div>{self.text.value}</div><img src="data:image/png;base64,{png}" alt="figure"/>'
         return bundle

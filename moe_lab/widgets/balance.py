@@ -24,14 +24,17 @@ def draw_history(experiment: BalanceExperiment) -> Figure:
     c = experiment.config
     ideal = c.tokens * c.k / c.num_experts
     ax_bar.bar(range(c.num_experts), h.load[-1] if h.load else [0] * c.num_experts, color="tab:blue")
-    ax_bar.axhline(ideal, color="black", linestyle="--")
-    ax_bar.set(title=f"tokens per expert (step {len(h.load)})", xlabel="expert", ylim=(0, c.tokens * c.k))
+    ax_bar.axhline(ideal, color="black", linestyle="--", label=f"ideal T*k/E = {ideal:g}")
+    ax_bar.legend(loc="upper right", fontsize=7)
+    ax_bar.set(title="tokens per expert (latest step)", xlabel="expert", ylim=(0, c.tokens * c.k))
     for ax, values, title in ((ax_task, h.task_loss, "task loss (MSE)"), (ax_aux, h.aux_loss, "Switch aux loss"),
                               (ax_vio, h.max_vio, "MaxVio")):
         ax.plot(values, color="tab:orange")
         ax.set(title=title, xlabel="step")
-    ax_aux.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
-    ax_vio.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
+    ax_aux.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label="uniform routing")
+    ax_vio.axhline(0.0, color="black", linestyle="--", linewidth=0.8, label="perfect balance")
+    for ax in (ax_aux, ax_vio):
+        ax.legend(loc="upper right", fontsize=7)
     return fig
 
 

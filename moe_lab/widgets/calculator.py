@@ -74,7 +74,7 @@ def draw_report(r: CalculatorReport) -> Figure:
         total, active = r.components[name]
         ax_p.bar(["total", "active"], [total / GB, active / GB], bottom=bottom, label=name)
         bottom = [bottom[0] + total / GB, bottom[1] + active / GB]
-    ax_p.set(ylabel="parameters (billions)", title=f"active = {100 * r.active_fraction:.1f}% of total")
+    ax_p.set(ylabel="parameters (billions)", title="parameters by component")
     ax_p.legend(fontsize=7, loc="upper right")
     for col, parts in (("training", r.training), ("inference", r.inference)):
         base = 0.0

@@ -45,7 +45,7 @@ def capacity_snapshot(
     policy: str = "position",
 ) -> CapacitySnapshot:
     """Apply expert capacity to a routing decision. experts, probs: ``[T, k]`` (probs: router probability of
-    each selected slot, used by ``policy="probability"``)."""
+    each selected slot, used by the policies ``"probability"`` and ``"batch_priority"``)."""
     num_tokens, k = experts.shape
     capacity = expert_capacity(num_tokens, num_experts, capacity_factor, k)
     positions = queue_positions(experts, num_experts, probs, policy)
@@ -74,8 +74,7 @@ def draw_queues(snap: CapacitySnapshot, experts: torch.Tensor) -> Figure:
     ax.set_xlim(-0.6, num_experts - 0.4)
     ax.set_ylim(0, 1.3 * max(int(snap.routed.max()), snap.capacity) + 1)
     ax.set(xlabel="expert", ylabel="queue position", xticks=range(num_experts),
-           title=f"capacity factor {snap.capacity_factor:g}, priority by {snap.policy}: "
-                 f"{100 * snap.drop_rate:.0f}% of slots dropped (red)")
+           title=f"capacity factor {snap.capacity_factor:g}, priority: {snap.policy}")
     ax.legend(loc="upper right", fontsize=8)
     return fig
 

@@ -134,7 +134,10 @@ def draw_snapshot(snap: RoutingSnapshot, title: str = "") -> Figure:
     ax_bar, ax_map = fig.subplots(1, 2, width_ratios=(1.1, 1))
     load = snap.tokens_per_expert.tolist()
     ids = range(snap.num_experts)
-    ax_bar.bar(ids, load, color=["tab:red" if n > 1.5 * snap.ideal_load else "tab:blue" for n in load])
+    over = [n > 1.5 * snap.ideal_load for n in load]
+    ax_bar.bar(ids, load, color=["tab:red" if o else "tab:blue" for o in over])
+    for color, label in (("tab:blue", "load <= 1.5x ideal"), ("tab:red", "load > 1.5x ideal")):
+        ax_bar.bar([0], [0], color=color, label=label)  # legend entries, drawn with zero height
     ax_bar.axhline(snap.ideal_load, color="black", linestyle="--", label=f"ideal T*k/E = {snap.ideal_load:.1f}")
     ax_bar.set(xlabel="expert", ylabel="token-slots", title="tokens per expert")
     ax_bar.set_ylim(0, 1.25 * max(max(load), snap.ideal_load))
@@ -177,10 +180,9 @@ class ExpertLoadDashboard(FigureDashboard):
         self.controls["k"].max = c["num_experts"]
         snap = routing_snapshot(c["num_experts"], c["k"], c["logit_scale"], c["distribution"], c["num_tokens"],
                                 self.d_model, self.seed)
-        summary = _summary(snap)
         title = (f"E={snap.num_experts}, k={snap.k}, logit scale={c['logit_scale']:.3g}, "
-                 f"{c['distribution']} tokens, T={snap.num_tokens}\n{summary}")
-        self.show_figure(draw_snapshot(snap, title), f"<b>{summary}</b>")
+                 f"{c['distribution']} tokens, T={snap.num_tokens}")
+        self.show_figure(draw_snapshot(snap, title), f"<b>{_summary(snap)}</b>")
         self.last = snap
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import re
 import sys
@@ -34,6 +35,14 @@ class Expected:
     notes: tuple[str, ...] = ()                            # texts the submission's notes must contain
 
 
+@dataclass
+class Special:
+    """A file that is not a plain file: ``kind`` ``"link"`` (to ``target``, which need not exist) or ``"fifo"``."""
+
+    kind: str
+    target: str = ""
+
+
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -50,6 +59,7 @@ class Course:
     """One exercise notebook and its solution, cell for cell."""
 
     def __init__(self, stem: str, root: Path = ROOT):
+        self.stem, self.root = stem, root
         self.exercise = _load(root / "exercises" / f"{stem}.ipynb")
         self.solution = _load(root / "solutions" / f"{stem}.ipynb")
         if len(self.exercise["cells"]) != len(self.solution["cells"]):
@@ -146,6 +156,72 @@ sys.modules["moe_lab.checks.core"] = types.SimpleNamespace(run_check=fake_run_ch
 """
 
 
+def _routes(course: Course) -> dict[str, list[tuple[str, str]]]:
+    """Notebooks of cells (appended at the end) by which each exercise's function reaches moe_lab's reference (or
+    switches off the integrity check), with the text its feedback line must contain."""
+    header = "import functools, importlib, subprocess, sys, threading, types, _thread\nimport moe_lab\n"
+    notebooks: dict[str, list[tuple[str, str]]] = {}
+
+    def ref(i: str) -> str:
+        r = REGISTRY[i].reference
+        return f"importlib.import_module({r.__module__!r}).{r.__name__}"
+
+    def fn(i: str) -> str:
+        return course.functions[i]
+
+    called = "called moe_lab"
+    notebooks["integrity_names.ipynb"] = [
+        (lambda i: f"{fn(i)} = {ref(i)}\n{fn(i)}.__module__ = '__main__'", called),
+        (lambda i: f"{fn(i)} = functools.partial({ref(i)})", called),
+        (lambda i: f"_r_{fn(i)} = {ref(i)}\ndef {fn(i)}(*args, **kwargs):\n    return _r_{fn(i)}(*args, **kwargs)", called),
+        (lambda i: f"def {fn(i)}(*args, **kwargs):\n    m = importlib.import_module('moe_lab.' + "
+                   f"{REGISTRY[i].reference.__module__[8:]!r})\n"
+                   f"    return getattr(m, {REGISTRY[i].reference.__name__!r})(*args, **kwargs)", called),
+        (lambda i: f"_r = {ref(i)}\n{fn(i)} = types.FunctionType(_r.__code__.replace(co_filename='mine.py'), "
+                   f"_r.__globals__, 'mine', _r.__defaults__, _r.__closure__)\n{fn(i)}.__kwdefaults__ = _r.__kwdefaults__",
+         called)]
+    serve = ("_qi_{f}, _qo_{f} = __import__('queue').Queue(), __import__('queue').Queue()\n"
+             "def _serve_{f}(r={r}):\n{body}"
+             "{start}\n"
+             "def {f}(*args, **kwargs):\n    _qi_{f}.put((args, kwargs))\n    return _qo_{f}.get(timeout=5)")
+    loop = "    while True:\n        a, k = _qi_{f}.get()\n        _qo_{f}.put(r(*a, **k))\n"
+    notebooks["integrity_objects.ipynb"] = [
+        (lambda i: f"def {fn(i)}(*args, **kwargs):\n    moe_lab.MoELayer(4, 4, 2)\n    return 0", called),
+        (lambda i: f"def {fn(i)}(*args, **kwargs):\n    out = []\n    t = threading.Thread(target=lambda: out.append("
+                   f"{ref(i)}(*args, **kwargs)))\n    t.start()\n    t.join()\n    return out[0]", called),
+        (lambda i: f"def {fn(i)}(*args, **kwargs):\n    done, out = threading.Event(), []\n"
+                   f"    _thread.start_new_thread(lambda: (out.append({ref(i)}(*args, **kwargs)), done.set()), ())\n"
+                   f"    done.wait(5)\n    return out[0]", called),
+        (lambda i: serve.format(f=fn(i), r=ref(i), body=loop.format(f=fn(i)),
+                                start=f"threading.Thread(target=_serve_{fn(i)}, daemon=True).start()"), called),
+        (lambda i: f"import multiprocessing as _mp\n_parent, _child = _mp.get_context('fork').Pipe()\n"
+                   f"def _serve(conn, r={ref(i)}):\n    while True:\n        a, k = conn.recv()\n"
+                   f"        conn.send(r(*a, **k))\n"
+                   f"_mp.get_context('fork').Process(target=_serve, args=(_child,), daemon=True).start()\n"
+                   f"_child.close()\ndef {fn(i)}(*args, **kwargs):\n    _parent.send((args, kwargs))\n"
+                   f"    return _parent.recv()", "raised")]
+    interfered = "the integrity check was interfered with"
+    notebooks["integrity_tamper.ipynb"] = [
+        (lambda i: f"def {fn(i)}(*args, **kwargs):\n    sys.setprofile(None)\n    return {ref(i)}(*args, **kwargs)",
+         interfered),
+        (lambda i: f"def {fn(i)}(*args, **kwargs):\n    list(map(sys.settrace, [lambda *a: None]))\n"
+                   f"    return {ref(i)}(*args, **kwargs)", interfered),
+        (lambda i: f"def {fn(i)}(*args, **kwargs):\n    threading.setprofile(None)\n    out = []\n"
+                   f"    t = threading.Thread(target=lambda: out.append({ref(i)}(*args, **kwargs)))\n"
+                   f"    t.start()\n    t.join()\n    return out[0]", called),
+        (lambda i: f"def {fn(i)}(*args, **kwargs):\n    subprocess.run(['true'])\n    return {ref(i)}(*args, **kwargs)",
+         "started a process")]
+    out = {name: (header + "\n\n".join(make(i) for (make, _), i in zip(routes, course.ids)),
+                  {i: reason for (_, reason), i in zip(routes, course.ids)}) for name, routes in notebooks.items()}
+    # a thread that switched its own hook off makes every later graded call report the interference
+    first = course.ids[0]
+    out["integrity_thread_tamper.ipynb"] = (
+        header + serve.format(f=fn(first), r=ref(first), body="    sys.setprofile(None)\n" + loop.format(f=fn(first)),
+                              start=f"threading.Thread(target=_serve_{fn(first)}, daemon=True).start()"),
+        {i: "interfered" for i in course.ids})
+    return out
+
+
 def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
     """{file name: (notebook or raw bytes, expected grade)} for one exercise notebook."""
     ids, fns = course.ids, course.functions
@@ -193,7 +269,57 @@ def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
     imports = min(checks + [cell1]) - 1  # a cell before any exercise
     end = len(course.exercise["cells"]) - 1
     out["monkeypatch.ipynb"] = (course.notebook(extra={imports: [MONKEYPATCH], end: cheat}),
-                                Expected("graded", zero, {last: "moe_lab's own implementation"}))
+                                Expected("graded", zero, {last: "called moe_lab"}))
+    # every route into moe_lab, and every way of switching the integrity check off, scores 0 with the reason
+    for name, (cell, reasons) in _routes(course).items():
+        points = zero if len(reasons) == len(ids) else course.score(ids, set(reasons))
+        out[name] = (course.notebook(ids, extra={end: [cell]}), Expected("graded", points, reasons))
+    # an honest function that runs on a thread pool, whose threads a check cell started, still passes
+    leaf = leaves[-1]
+    pool = (f"import concurrent.futures\n_pool = concurrent.futures.ThreadPoolExecutor(2)\n_own = {fns[leaf]}\n"
+            f"def {fns[leaf]}(*args, **kwargs):\n    return _pool.submit(_own, *args, **kwargs).result()\n"
+            f"check({leaf!r}, {fns[leaf]})")
+    out["thread_pool.ipynb"] = (course.notebook(ids, extra={end: [pool]}), Expected("graded", full))
+    out["integrity_audit.ipynb"] = (course.notebook(ids, extra={end: ["import sys\nsys.audit = lambda *args: None"]}),
+                                    Expected("graded", zero, {i: "was interfered with" for i in ids}))
+    # what a function returns cannot blow up the grader: huge views, shared nesting, long lists, compressed archives
+    returns = ["torch.zeros(1).expand(30_000_000)", "_shared", "list(range(10**6))"]
+    blowups = "_shared = [0]\nfor _ in range(22):\n    _shared = [_shared, _shared]\n" + "\n".join(
+        f"def {fns[i]}(*args, **kwargs):\n    return {r}" for i, r in zip(ids, returns))
+    out["blowups.ipynb"] = (course.notebook(ids, extra={end: [blowups]}), Expected(
+        "graded", course.score(ids, set(ids[:3])), {i: "too large" for i in ids[:3]}))
+    deflate = ("import io, zipfile\n_save = torch.save\n"
+               "def _deflated(obj, f, *args, **kwargs):\n    raw = io.BytesIO()\n"
+               "    _save([{'out': torch.zeros(2**24)}], raw)\n    src = zipfile.ZipFile(raw)\n"
+               "    with zipfile.ZipFile(f, 'w', zipfile.ZIP_DEFLATED) as dst:\n"
+               "        for info in src.infolist():\n            dst.writestr(info.filename, src.read(info.filename))\n"
+               "torch.save = _deflated")
+    out["deflate.ipynb"] = (course.notebook(ids, extra={end: [deflate]}),
+                            Expected("graded", zero, {i: "compressed" for i in ids}))
+    fifo = ("import os\n_save = torch.save\ndef _fifo(obj, f, *args, **kwargs):\n"
+            f"    for i in {ids!r}:\n        if not os.path.exists(f'../grader/out_{{i}}.pt'):\n"
+            "            os.mkfifo(f'../grader/out_{i}.pt')\n    return _save(obj, f, *args, **kwargs)\n"
+            "torch.save = _fifo")
+    out["fifo.ipynb"] = (course.notebook(ids, extra={end: [fifo]}),
+                         Expected("graded", zero, {i: "could not call" for i in ids}))
+    # malformed cells are graded around, with a note
+    malformed = course.notebook(ids)
+    code = [c for c in malformed["cells"] if c["cell_type"] == "code"]
+    cell = malformed["cells"][course.cell_of(first)]
+    cell["source"] = [_source(cell), "\n", 2]
+    malformed["cells"][course.cell_of(second)]["source"] = "s = '\ud800'\n" + _source(
+        malformed["cells"][course.cell_of(second)])
+    out["malformed_cells.ipynb"] = (malformed, Expected("graded", full, notes=(
+        f"code cell {code.index(cell) + 1}: its source holds items that are not text", "lone surrogates")))
+    lecture = course.root / "notebooks" / f"{course.stem}.ipynb"
+    if lecture.exists():
+        out[f"{course.stem}.ipynb"] = (_load(lecture), Expected("not-an-exercise", None))
+    out[os.fsdecode(b"caf\xe9.ipynb")] = (course.notebook(ids), Expected("graded", full))
+    out["x/y.ipynb"] = (course.notebook(ids), Expected("graded", full))
+    out["x__y.ipynb"] = (course.notebook(), Expected("graded", zero))
+    out["dangling.ipynb"] = (Special("link", "does-not-exist.ipynb"), Expected("unreadable", None,
+                                                                            notes=("broken symbolic link",)))
+    out["pipe.ipynb"] = (Special("fifo"), Expected("unreadable", None, notes=("not a regular file",)))
     # functions right on the visible cases only: wrong, or killing the kernel, or looping on any other input
     # (the deadly ones are functions no other exercise calls, so that the notebook's own checks survive)
     wrappers = {course.cell_of(i): [_visible_only(fns[i], i, "return 0")] for i in ids}
@@ -215,12 +341,19 @@ def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
     return out
 
 
-def write(folder: Path, files: dict[str, tuple[dict | bytes, Expected]]) -> dict[str, Expected]:
+def write(folder: Path, files: dict[str, tuple[dict | bytes | Special, Expected]]) -> dict[str, Expected]:
+    """Write the files; return ``{label: Expected}`` (labels as the grader prints them: bytes of a name that are
+    not UTF-8 as ``\\xNN``)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, (content, _) in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Special):
+            os.symlink(content.target, path) if content.kind == "link" else os.mkfifo(path)
+            continue
         data = content if isinstance(content, bytes) else (json.dumps(content, indent=1) + "\n").encode()
-        (folder / name).write_bytes(data)
-    return {name: expected for name, (_, expected) in files.items()}
+        path.write_bytes(data)
+    return {os.fsencode(name).decode("utf-8", "backslashreplace"): expected for name, (_, expected) in files.items()}
 
 
 def default_stem(root: Path = ROOT) -> str:

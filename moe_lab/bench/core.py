@@ -1,48 +1,48 @@
-"""Benchmark harness: ``python -m moe_lab.bench`` times MoE implementations side by side.
+"""Timing MoE implementations side by side on one input: configs, rows, memory, the table.
 
-Rows (same sizes, same input):
+Rows (same sizes, same input, same weights where the layouts allow):
 
 - ``dense``: a dense FFN of width ``k * d_ff``: the same active expert FLOPs per token, the ceiling to approach;
 - ``sorted``: ``moe_lab``'s fast path (sort by expert + grouped GEMM, :func:`moe_lab.dispatch.dispatch_sorted`);
-- ``loop``: a Python loop over experts (the eager style of popular model code);
-- ``onehot``: GShard's one-hot einsum dispatch, skipped when its ``[T, E, C]`` tensors would not fit.
+- ``loop``: ``moe_lab``'s reference loop over the experts that got tokens (the eager style of model code);
+- ``onehot``: GShard's one-hot einsum dispatch, skipped when its ``[T, E, C]`` tensors would not fit;
+- ``hf_eager``, ``hf_grouped_mm``: Hugging Face's ``MixtralSparseMoeBlock`` with the ``sorted`` layer's
+  weights and its ``"eager"`` / ``"grouped_mm"`` experts implementation (:mod:`moe_lab.bench.hf`), skipped
+  with the reason when ``transformers`` or that implementation is missing.
 
 Each row reports the forward time (autograd on, as in training), the forward+backward time (gradients for the
-input and every parameter), tokens/s (tokens / forward+backward time) and the peak memory one forward+backward
-allocates on top of what was allocated before it (activations, temporaries and gradients; CUDA: the caching
-allocator's peak; CPU: the profiler's allocation events). Times are medians over ``--repeats`` after
-``--warmup`` untimed runs, with device synchronisation; the implementations are timed in interleaved rounds
-so that load changes on a shared machine hit every row alike. ``--dtype bf16`` puts the expert / FFN weights
-and activations in bfloat16; the router stays in float32.
-
-On a CPU shared with other busy processes, run with ``OMP_WAIT_POLICY=PASSIVE`` (or ``--threads 1``): with
-OpenMP's default spin-waiting, an MoE layer's many small parallel regions slow down several-fold when the
-cores are oversubscribed, far more than the dense FFN's few large ones.
+input and every parameter), tokens/s (tokens / forward+backward time), the achieved expert TFLOP/s
+(:func:`expert_flops` / forward+backward time) and the peak memory one forward+backward allocates on top of
+what was allocated before it (activations, temporaries and gradients; CUDA: the caching allocator's peak; CPU:
+the profiler's allocation events). Times are medians over ``repeats`` after ``warmup`` untimed runs, with
+device synchronisation; the implementations are timed in interleaved rounds so that load changes on a shared
+machine hit every row alike. ``dtype="bf16"`` puts the expert / FFN weights and activations in bfloat16;
+``moe_lab``'s router stays in float32 (Hugging Face's block is all in the dtype, its softmax in float32).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .experts import FFN
-from .layer import MoELayer
-from .metrics import tokens_per_expert
-from .routing import softmax_topk
-from .utils import seed_everything
+from ..experts import FFN
+from ..layer import MoELayer
+from ..metrics import tokens_per_expert
+from ..routing import softmax_topk
+from ..utils import seed_everything
+from . import hf
 
-IMPLEMENTATIONS = ("dense", "sorted", "loop", "onehot")
+HF_ROWS = {f"hf_{name}": name for name in hf.EXPERTS_IMPLEMENTATIONS}  # row -> experts implementation
+IMPLEMENTATIONS = ("dense", "sorted", "loop", "onehot", *HF_ROWS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -79,6 +79,7 @@ class BenchRow:
     fwd_ms: float | None
     fwd_bwd_ms: float | None
     tokens_per_s: float | None
+    tflops: float | None
     peak_mem_bytes: int | None
     note: str = ""
 
@@ -89,16 +90,27 @@ def _sync(device: torch.device) -> None:
 
 
 def build(name: str, cfg: BenchConfig) -> nn.Module:
-    """The module behind one row; its forward maps ``x: [T, d_model]`` to ``[T, d_model]``."""
+    """The module behind one row; its forward maps ``x: [T, d_model]`` to ``[T, d_model]`` (an MoE layer also
+    returns its routing info). Every MoE row has the same router and expert weights (seeded)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
     dtype = DTYPES[cfg.dtype]
     seed_everything(cfg.seed)
     if name == "dense":
         return FFN(cfg.d_model, cfg.k * cfg.d_ff, cfg.activation).to(cfg.device, dtype)
-    layer = MoELayer(cfg.d_model, cfg.d_ff, cfg.experts, cfg.k, activation=cfg.activation, dispatch=name)
+    layer = MoELayer(cfg.d_model, cfg.d_ff, cfg.experts, cfg.k, activation=cfg.activation,
+                     dispatch="sorted" if name in HF_ROWS else name)
     layer.experts.to(cfg.device, dtype)  # the router keeps float32 weights
-    return layer.to(cfg.device)
+    layer = layer.to(cfg.device)
+    return hf.mixtral_block(layer, HF_ROWS[name]) if name in HF_ROWS else layer
+
+
+def expert_flops(cfg: BenchConfig) -> int:
+    """Multiply-add FLOPs of one forward+backward through the experts (or the dense FFN): per token-slot,
+    ``2 * d_model * d_ff`` per weight matrix (3 for SwiGLU, 2 for GELU), times 3 for forward + backward.
+    The router, the permutations and the element-wise ops are not counted."""
+    matrices = 3 if cfg.activation == "swiglu" else 2
+    return 3 * 2 * cfg.tokens * cfg.k * matrices * cfg.d_model * cfg.d_ff
 
 
 def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +182,10 @@ def run_benchmark(cfg: BenchConfig, implementations: tuple[str, ...] = IMPLEMENT
     shape = {k: getattr(cfg, k) for k in ("device", "dtype", "tokens", "d_model", "d_ff", "experts", "k")}
     modules, notes = {}, {}
     for name in implementations:
+        reason = hf.unavailable(HF_ROWS[name], cfg.activation) if name in HF_ROWS else None
+        if reason:
+            notes[name] = reason
+            continue
         module = build(name, cfg)
         if name == "onehot":
             with torch.no_grad():  # the load from the router alone: never run the one-hot dispatch to size it
@@ -208,7 +224,7 @@ def run_benchmark(cfg: BenchConfig, implementations: tuple[str, ...] = IMPLEMENT
     rows = []
     for name in implementations:
         if name not in modules:
-            rows.append(BenchRow(name, **shape, fwd_ms=None, fwd_bwd_ms=None, tokens_per_s=None,
+            rows.append(BenchRow(name, **shape, fwd_ms=None, fwd_bwd_ms=None, tokens_per_s=None, tflops=None,
                                  peak_mem_bytes=None, note=notes[name]))
             continue
         fwd_s = statistics.median(times[name]["fwd"])
@@ -216,98 +232,48 @@ def run_benchmark(cfg: BenchConfig, implementations: tuple[str, ...] = IMPLEMENT
         clear_grads(modules[name])
         peak = peak_memory(lambda: fwd_bwd(modules[name]), device)
         rows.append(BenchRow(name, **shape, fwd_ms=round(fwd_s * 1e3, 4), fwd_bwd_ms=round(fwd_bwd_s * 1e3, 4),
-                             tokens_per_s=round(cfg.tokens / fwd_bwd_s, 1), peak_mem_bytes=int(peak)))
+                             tokens_per_s=round(cfg.tokens / fwd_bwd_s, 1),
+                             tflops=float(f"{expert_flops(cfg) / fwd_bwd_s / 1e12:.4g}"), peak_mem_bytes=int(peak)))
     return rows
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_description(device: str) -> str:
-    """The device in words (GPU name, or CPU model and thread count) and the torch version."""
+    """The device in words (GPU name, or CPU model, cores and threads; OpenMP's wait policy) and torch's
+    version."""
     if torch.device(device).type == "cuda":
         what = torch.cuda.get_device_name(torch.device(device))
     else:
-        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        policy = os.environ.get("OMP_WAIT_POLICY", "default")
+        what = (f"{_cpu_model()} CPU ({os.cpu_count()} cores), {torch.get_num_threads()} threads, "
+                f"OMP_WAIT_POLICY={policy}")
     return f"{what}, torch {torch.__version__}"
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    """A plain-text table with the forward+backward time relative to the dense FFN and the loop."""
-    by_name = {r.implementation: r for r in rows}
+    """A plain-text table; ratio columns compare forward+backward times: ``/dense`` this row's over the dense
+    FFN's, ``HF/x`` the faster Hugging Face row's over this row's (> 1: faster than HF), ``loop/x`` the
+    loop's over this row's."""
+    by_name = {r.implementation: r for r in rows if r.fwd_bwd_ms}
     dense, loop = by_name.get("dense"), by_name.get("loop")
-    header = (f"{'implementation':<14} {'fwd ms':>10} {'fwd+bwd ms':>11} {'tokens/s':>12} {'peak MiB':>9} "
-              f"{'/dense':>7} {'loop/x':>7}")
+    hf_times = [by_name[n].fwd_bwd_ms for n in HF_ROWS if n in by_name]
+    header = (f"{'implementation':<14} {'fwd ms':>10} {'fwd+bwd ms':>11} {'tokens/s':>12} {'TFLOP/s':>8} "
+              f"{'peak MiB':>9} {'/dense':>7} {'HF/x':>6} {'loop/x':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.fwd_ms is None:
             lines.append(f"{r.implementation:<14} {r.note}")
             continue
-        vs_dense = f"{r.fwd_bwd_ms / dense.fwd_bwd_ms:.2f}x" if dense and dense.fwd_bwd_ms else "-"
-        vs_loop = f"{loop.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x" if loop and loop.fwd_bwd_ms else "-"
+        vs_dense = f"{r.fwd_bwd_ms / dense.fwd_bwd_ms:.2f}x" if dense else "-"
+        vs_hf = f"{min(hf_times) / r.fwd_bwd_ms:.2f}x" if hf_times else "-"
+        vs_loop = f"{loop.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x" if loop else "-"
         lines.append(f"{r.implementation:<14} {r.fwd_ms:>10.2f} {r.fwd_bwd_ms:>11.2f} {r.tokens_per_s:>12,.0f} "
-                     f"{r.peak_mem_bytes / 2**20:>9.1f} {vs_dense:>7} {vs_loop:>7}")
+                     f"{r.tflops:>8.3f} {r.peak_mem_bytes / 2**20:>9.1f} {vs_dense:>7} {vs_hf:>6} {vs_loop:>7}")
     return "\n".join(lines)
-
-
-QUICK = {"tokens": 256, "d_model": 32, "d_ff": 64, "experts": 8, "k": 2, "warmup": 1, "repeats": 2}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moe_lab.bench", description=__doc__.split("\n\n")[0],
-                                epilog="Columns: /dense = fwd+bwd time over the dense FFN's; "
-                                       "loop/x = the loop's fwd+bwd time over this row's.")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--d-ff", type=int, default=512, help="hidden width of one expert (dense FFN: k * d_ff)")
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--k", type=int, default=2)
-    p.add_argument("--activation", choices=("swiglu", "gelu"), default="swiglu")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--onehot-max-gib", type=float, default=None,
-                   help="skip the one-hot row above this estimate (default: half the free memory)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="a small smoke run: " + str(QUICK))
-    p.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
-    return p.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
-    cfg = BenchConfig(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, experts=args.experts, k=args.k,
-                      device=device, dtype=dtype, activation=args.activation, warmup=args.warmup,
-                      repeats=args.repeats, seed=args.seed,
-                      onehot_max_bytes=None if args.onehot_max_gib is None else int(args.onehot_max_gib * 2**30))
-    if args.quick:
-        cfg = BenchConfig(**{**asdict(cfg), **QUICK})
-    for name in ("tokens", "d_model", "d_ff", "experts", "k", "repeats"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.k > cfg.experts:
-        raise ValueError(f"k must be <= experts={cfg.experts}, got {cfg.k}")
-    return cfg
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    cfg = config_from_args(args)
-    rows = run_benchmark(cfg, tuple(args.impl))
-    if args.json:
-        for r in rows:
-            print(json.dumps(asdict(r)))
-        return
-    print(f"{machine_description(cfg.device)}; {cfg.dtype}, tokens={cfg.tokens}, d_model={cfg.d_model}, "
-          f"d_ff={cfg.d_ff}, experts={cfg.experts}, k={cfg.k}, {cfg.activation}; "
-          f"median of {cfg.repeats} after {cfg.warmup} warm-up")
-    print(format_table(rows))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
