@@ -6,9 +6,11 @@ import torch
 
 from moe_lab.calculator import count_params
 from moe_lab.data import pydoc_corpus, stdlib_corpus
+from moe_lab.dispatch import DISPATCH
 from moe_lab.finetune import (GROUPS, ConstantLR, configure_moe, count_parameters, moe_layers_of, parameter_groups,
                               set_trainable)
 from moe_lab.hooks import TrainHook
+from moe_lab.layer import MoELayer
 from moe_lab.model import MoETransformer, toy_config
 from moe_lab.train import evaluate, train
 
@@ -139,12 +141,31 @@ def test_exercise_references_agree_with_the_library(preset, overrides):
         assert trainable_count(sizes, groups, recipe) == set_trainable(model, recipe)
 
 
-def test_exercise_11_mistakes_fail_and_references_pass():
+def test_exercise_11_mistakes_are_named_and_references_pass(monkeypatch):
+    """Submitted as answers (allowed to run the checker's code), the references pass the hidden cases and each
+    known mistake fails a visible case with its own name."""
     from moe_lab.checks import REGISTRY, run_check
 
     for ex_id in [e for e in REGISTRY if e.startswith("11.")]:
         ex = REGISTRY[ex_id]
-        assert run_check(ex_id, ex.reference, hidden=True).status == "passed"
+        monkeypatch.setattr(ex, "allow", ex.allow + ("moe_lab.checks",))
+        assert run_check(ex_id, ex.reference, hidden=True).status == "passed", ex_id
         assert len(ex.mistakes) >= 2
         for description, mistake in ex.mistakes.items():
-            assert run_check(ex_id, mistake, hidden=True).status == "failed", (ex_id, description)
+            result = run_check(ex_id, mistake)
+            assert result.status == "failed" and f"this looks like {description}. Hint" in result.message, \
+                (ex_id, result.message)
+
+
+@pytest.mark.parametrize("dispatch", sorted(DISPATCH))
+def test_expert_dropout_acts_in_training_on_every_dispatch(dispatch):
+    """Expert dropout changes the training-mode output of every dispatch path (the CPU grouped path included) and
+    leaves eval mode alone."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 2, dispatch=dispatch)
+    x = torch.randn(32, 8)
+    plain = layer(x)[0]
+    layer.configure(expert_dropout=0.5)
+    assert not torch.allclose(layer(x)[0], plain)
+    layer.eval()
+    torch.testing.assert_close(layer(x)[0], plain)

@@ -89,7 +89,8 @@ def _all_experts(logits, k, score_func, renormalize):
                     "renormalize ignored (always renormalised)": _ignores_renormalize,
                     "summed over all experts, not the top k": _all_experts})
 def _scale_cases(hidden: bool) -> list[Case]:
-    configs = [(6, 4, 2, "softmax", True), (6, 4, 2, "softmax", False), (5, 8, 2, "sigmoid", True),
+    configs = [(6, 4, 2, "softmax", True), (5, 8, 2, "sigmoid", False), (6, 4, 2, "softmax", False),
+               (5, 8, 2, "sigmoid", True),
                (5, 8, 1, "sigmoid", True)]
     if hidden:
         configs += [(32, 16, 4, "softmax", False), (10, 8, 1, "softmax", False), (7, 6, 3, "sigmoid", False),
