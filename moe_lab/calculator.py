@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from .experts import _check_activation
 from .routing import check_k
+from .validation import check_bool, check_int, check_number
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5}
 ADAM_STATE_BYTES = 8  # Adam's first and second moments, fp32 each
@@ -23,6 +24,8 @@ ADAM_STATE_BYTES = 8  # Adam's first and second moments, fp32 each
 
 def ffn_params(d_model: int, d_ff: int, activation: str = "swiglu") -> int:
     """Weights of one FFN: ``2*d*d_ff`` (GELU: in + out) or ``3*d*d_ff`` (SwiGLU: gate, up, down)."""
+    check_int("d_model", d_model, 1)
+    check_int("d_ff", d_ff, 1)
     _check_activation(activation)
     return (3 if activation == "swiglu" else 2) * d_model * d_ff
 
@@ -48,16 +51,31 @@ def moe_schedule(n_layers: int, every: int = 1, first_dense: int = 0) -> list[bo
     ``first_dense=k``: the first k layers dense (DeepSeek). Returns ``[n_layers]`` booleans.
     """
     for name, value, low in (("n_layers", n_layers, 0), ("every", every, 1), ("first_dense", first_dense, 0)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, value, low)
     return [i >= first_dense and (i - first_dense + 1) % every == 0 for i in range(n_layers)]
+
+
+def _check_heads(d_model: int, n_heads: int, n_kv_heads: int | None, head_dim: int | None) -> None:
+    check_int("d_model", d_model, 1)
+    check_int("n_heads", n_heads, 1)
+    if n_kv_heads is not None:
+        check_int("n_kv_heads", n_kv_heads, 1, n_heads)
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads must divide n_heads={n_heads} (grouped-query attention), got {n_kv_heads}")
+    if head_dim is not None:
+        check_int("head_dim", head_dim, 1)
+    elif d_model % n_heads:
+        raise ValueError(f"n_heads must divide d_model={d_model} when head_dim is None (head_dim = d_model / n_heads), "
+                         f"got n_heads={n_heads}; or pass head_dim")
 
 
 def attention_params(d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None) -> int:
     """Weights of multi-head / grouped-query attention: ``W_q, W_o: d x h*hd`` and ``W_k, W_v: d x kv*hd``.
 
-    MHA (``n_kv_heads = n_heads``, ``hd = d / h``) gives the lecture's ``4 d^2``.
+    MHA (``n_kv_heads = n_heads``, ``hd = d / h``) gives the lecture's ``4 d^2``. ``n_kv_heads`` must divide
+    ``n_heads`` (each KV head serves a group of query heads); without ``head_dim``, ``n_heads`` must divide ``d``.
     """
+    _check_heads(d_model, n_heads, n_kv_heads, head_dim)
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
     head_dim = d_model // n_heads if head_dim is None else head_dim
     return 2 * d_model * n_heads * head_dim + 2 * d_model * n_kv_heads * head_dim
@@ -70,6 +88,9 @@ def attention_flops_per_token(n_heads: int, qk_dim: int, v_dim: int, context: in
     ``context`` is how many keys the token attends to: its position when decoding; ``(L+1)/2`` on average
     over a causal training sequence of length ``L``.
     """
+    for name, value in (("n_heads", n_heads), ("qk_dim", qk_dim), ("v_dim", v_dim)):
+        check_int(name, value, 1)
+    check_number("context", context, 0)
     return 2 * n_heads * (qk_dim + v_dim) * context
 
 
@@ -77,9 +98,11 @@ def expected_experts_touched(num_experts: int, k: int, tokens: int) -> float:
     """Expected number of distinct experts a batch of ``tokens`` uses under uniform random top-k routing:
     ``E * (1 - (1 - k/E)^T)`` (each expert is missed by one token with probability ``1 - k/E``)."""
     check_k(k, num_experts)
-    if tokens < 0:
-        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    check_int("tokens", tokens, 0)
     return num_experts * (1 - (1 - k / num_experts) ** tokens)
+
+
+_MLA_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +113,9 @@ class Arch:
     attention: queries through a ``q_lora_rank`` bottleneck (0 = none), keys/values through ``kv_lora_rank``).
     FFNs: layers chosen by :func:`moe_schedule` (``moe_every``, ``first_dense``) hold ``num_experts`` routed
     experts of width ``d_expert`` (top-``k``) and ``n_shared`` always-on experts of width ``d_shared``
-    (default ``d_expert``); the other layers a dense FFN of width ``d_ff``. ``num_experts=0``: a dense model.
+    (default ``d_expert``); the other layers a dense FFN of width ``d_ff`` (a dense model may leave it 0: no FFN,
+    attention only). ``num_experts=0``: a dense model. Sizes are integers; every bad value raises a ``ValueError``
+    naming the field.
     """
 
     n_layers: int
@@ -119,15 +144,38 @@ class Arch:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
+        for name in ("n_layers", "d_model", "n_heads"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("vocab_size", "d_ff", "num_experts", "k", "d_expert", "n_shared", "first_dense") + _MLA_SIZES:
+            check_int(name, getattr(self, name), 0)
+        check_int("moe_every", self.moe_every, 1)
+        if self.d_shared is not None:
+            check_int("d_shared", self.d_shared, 1)
+        check_bool("tie_embeddings", self.tie_embeddings)
+        check_bool("norms", self.norms)
         _check_activation(self.activation)
         if self.attention not in ("gqa", "mla"):
             raise ValueError(f"attention must be one of ('gqa', 'mla'), got {self.attention!r}")
         if self.attention == "mla" and not (self.kv_lora_rank and self.qk_nope_dim + self.qk_rope_dim and self.v_head_dim):
             raise ValueError("attention='mla' needs kv_lora_rank, qk_nope_dim + qk_rope_dim and v_head_dim > 0")
+        unused = [n for n in (_MLA_SIZES if self.attention == "gqa" else ("n_kv_heads", "head_dim"))
+                  if getattr(self, n) not in (0, None)]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} do not apply to attention={self.attention!r}; leave them unset")
+        if self.attention == "gqa":
+            _check_heads(self.d_model, self.n_heads, self.n_kv_heads, self.head_dim)
         if self.num_experts:
             check_k(self.k, self.num_experts)
             if self.d_expert < 1:
                 raise ValueError(f"d_expert must be >= 1 for an MoE model, got {self.d_expert}")
+            if self.d_ff < 1 and not all(self.moe_layers):
+                raise ValueError(f"d_ff must be >= 1: layers {[i for i, m in enumerate(self.moe_layers) if not m]} "
+                                 f"are dense (first_dense={self.first_dense}, moe_every={self.moe_every}), got d_ff=0")
+        else:
+            moe_only = [n for n in ("k", "d_expert", "n_shared", "d_shared") if getattr(self, n) not in (0, None)]
+            if moe_only:
+                raise ValueError(f"{', '.join(moe_only)} apply to MoE models only; set num_experts >= 1 or leave "
+                                 "them unset")
         moe_schedule(self.n_layers, self.moe_every, self.first_dense)
 
     @property
@@ -176,10 +224,16 @@ class ParamCount:
         return sum(a for _, a in self.components.values())
 
 
+def _check_arch(arch: Arch) -> None:
+    if not isinstance(arch, Arch):
+        raise TypeError(f"arch must be a moe_lab.calculator.Arch, got {type(arch).__name__}")
+
+
 def count_params(arch: Arch) -> ParamCount:
     """Total and active-per-token parameters of ``arch``, by component (embedding, attention, dense_ffn,
     router, routed_experts, shared_experts, norms, lm_head). The input embedding counts as active
     (a token reads its row) as published model cards do."""
+    _check_arch(arch)
     a = arch
     attn, attn_norms = _attention_layer_params(a)
     moe = a.moe_layers
@@ -211,8 +265,8 @@ def flops_per_token(arch: Arch, context: int = 0, *, training: bool = False) -> 
     """FLOPs per token: forward ``2 x`` active matmul weights (everything active but the embedding lookup
     and the norms; the output projection counts even when tied) plus attention over ``context`` keys;
     ``training=True`` multiplies by 3 (forward + backward)."""
-    if context < 0:
-        raise ValueError(f"context must be >= 0, got {context}")
+    check_number("context", context, 0)
+    check_bool("training", training)
     c = count_params(arch).components
     matmul = sum(c[name][1] for name in ("attention", "dense_ffn", "router", "routed_experts", "shared_experts"))
     matmul += arch.vocab_size * arch.d_model
@@ -225,7 +279,7 @@ def flops_per_token(arch: Arch, context: int = 0, *, training: bool = False) -> 
 
 
 def _bytes(dtype: str) -> float:
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
     return DTYPE_BYTES[dtype]
 
@@ -234,6 +288,7 @@ def training_memory(num_params: int, dtype: str = "bf16") -> dict[str, float]:
     """Bytes to train ``num_params`` weights with Adam, activations excluded: weights and gradients in
     ``dtype``, an fp32 master copy when ``dtype`` is not fp32, and Adam's two fp32 moments
     (mixed precision bf16: 2 + 2 + 4 + 8 = 16 bytes per parameter)."""
+    check_number("num_params", num_params, 0)
     b = _bytes(dtype)
     parts = {
         "weights": num_params * b,
@@ -249,9 +304,9 @@ def kv_cache_bytes(arch: Arch, context: int, batch: int = 1, dtype: str = "bf16"
     """KV cache for ``batch`` sequences of ``context`` tokens: per token and layer, GQA stores ``2*kv*hd``
     values (keys and values); MLA stores the compressed latent and the shared rope key,
     ``kv_lora_rank + qk_rope_dim`` values."""
+    _check_arch(arch)
     for name, value in (("context", context), ("batch", batch)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+        check_int(name, value, 0)
     per_token = 2 * arch.kv_heads * arch.hd if arch.attention == "gqa" else arch.kv_lora_rank + arch.qk_rope_dim
     return arch.n_layers * per_token * context * batch * _bytes(dtype)
 
@@ -364,4 +419,5 @@ node-limited routing with 8 groups, 4 kept, bias-corrected sigmoid scores). The 
 
 def dense_counterpart(arch: Arch) -> Arch:
     """The same model with every FFN dense (width ``d_ff``, or ``d_expert`` when ``d_ff`` is 0)."""
-    return replace(arch, num_experts=0, k=0, n_shared=0, d_ff=arch.d_ff or arch.d_expert, name=f"{arch.name} (dense)")
+    return replace(arch, num_experts=0, k=0, n_shared=0, d_shared=None, d_expert=0, d_ff=arch.d_ff or arch.d_expert,
+                   name=f"{arch.name} (dense)")

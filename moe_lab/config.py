@@ -8,7 +8,6 @@ A preset is data: ``MoELayer.from_config(MoEConfig(d_model=64, d_ff=32, num_expe
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
@@ -17,6 +16,7 @@ import torch
 from .dispatch import DISPATCH, DROP_POLICIES
 from .experts import ACTIVATIONS
 from .routing import GROUP_SCORES, SCORE_FUNCS, SOFTMAX_ORDERS, check_group_limits, check_k
+from .validation import check_bool, check_int, is_number
 
 ROUTERS = ("softmax", "noisy_topk")
 ROUTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,36 +27,18 @@ STRUCTURAL = ("d_model", "d_ff", "num_experts", "activation", "router", "n_share
 """Options that decide which parameters and buffers a layer has (:meth:`moe_lab.MoELayer.configure` rejects them)."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 def _fraction(name: str, value: Any) -> None:
-    if not _is_number(value) or not 0 <= value < 1:
+    if not is_number(value) or not 0 <= value < 1:
         raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {value!r}")
 
 
 def _capacity(name: str, value: Any) -> None:
-    if value is not None and (not _is_number(value) or value <= 0):
+    if value is not None and (not is_number(value) or value <= 0):
         raise ValueError(f"{name} must be a finite number > 0 (or None for dropless), got {value!r}")
 
 
@@ -137,31 +119,31 @@ class MoEOptions:
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("score_func", self.score_func, SCORE_FUNCS)
         _choice("softmax_order", self.softmax_order, SOFTMAX_ORDERS)
-        _bool("renormalize", self.renormalize)
+        check_bool("renormalize", self.renormalize)
         if self.score_func == "sigmoid" and self.softmax_order != "before_topk":
             raise ValueError("softmax_order applies to score_func='softmax' only; leave it at 'before_topk' "
                              f"with score_func='sigmoid', got softmax_order={self.softmax_order!r}")
         if self.softmax_order == "after_topk" and not self.renormalize:
             raise ValueError("renormalize=False only applies to softmax_order='before_topk': a softmax after "
                              "top-k already sums to 1 over the selected experts")
-        if not _is_number(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
+        if not is_number(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
             raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {self.routed_scaling_factor!r}")
-        _bool("selection_bias", self.selection_bias)
-        if not _is_number(self.bias_update_rate) or self.bias_update_rate < 0:
+        check_bool("selection_bias", self.selection_bias)
+        if not is_number(self.bias_update_rate) or self.bias_update_rate < 0:
             raise ValueError(f"bias_update_rate (gamma) must be a finite number >= 0, got {self.bias_update_rate!r}")
         if self.bias_update_rate and not self.selection_bias:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} needs selection_bias=True (there is no bias "
                              "to update)")
-        _bool("bias_update_centered", self.bias_update_centered)
-        _int_at_least("n_groups", self.n_groups, 1)
-        _int_at_least("topk_groups", self.topk_groups, 1)
+        check_bool("bias_update_centered", self.bias_update_centered)
+        check_int("n_groups", self.n_groups, 1)
+        check_int("topk_groups", self.topk_groups, 1)
         if self.topk_groups > self.n_groups:
             raise ValueError(f"topk_groups must satisfy 1 <= topk_groups <= n_groups={self.n_groups}, "
                              f"got {self.topk_groups}")
         _choice("group_score", self.group_score, GROUP_SCORES)
-        _int_at_least("n_shared", self.n_shared, 0)
+        check_int("n_shared", self.n_shared, 0)
         if self.d_shared is not None:
-            _int_at_least("d_shared", self.d_shared, 1)
+            check_int("d_shared", self.d_shared, 1)
         _choice("router", self.router, ROUTERS)
         object.__setattr__(self, "router_dtype", router_dtype_of(self.router_dtype))
         if self.router == "noisy_topk" and (self.score_func != "softmax" or self.router_dtype != torch.float32):
@@ -180,6 +162,15 @@ class MoEOptions:
         return {f.name: getattr(self, f.name) for f in fields(MoEOptions)}
 
 
+def check_option_names(names, allowed: tuple[str, ...] | None = None) -> None:
+    """Raise ``TypeError`` naming every entry of ``names`` that is not an option (default: a :class:`MoEOptions`
+    field), with the allowed names."""
+    allowed = tuple(f.name for f in fields(MoEOptions)) if allowed is None else allowed
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))}; the options are {', '.join(allowed)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig(MoEOptions):
     """An MoE layer: ``d_model``, ``d_ff`` (width of each routed expert), ``num_experts`` (``E``) and ``k``
@@ -195,7 +186,7 @@ class MoEConfig(MoEOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("d_model", "d_ff", "num_experts"):
-            _int_at_least(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         check_k(self.k, self.num_experts)
         check_group_limits(self.num_experts, self.k, self.n_groups, self.topk_groups, self.group_score)
 
@@ -232,9 +223,9 @@ def fine_grained(num_experts: int, k: int, d_ff: int, granularity: int) -> FineG
     them, so total and active parameters (and FLOPs) stay the same while the number of possible expert
     combinations grows. Returns ``(num_experts * m, k * m, d_ff // m)``; ``d_ff`` must be divisible by ``m``.
     """
-    _int_at_least("granularity", granularity, 1)
-    _int_at_least("num_experts", num_experts, 1)
-    _int_at_least("d_ff", d_ff, 1)
+    check_int("granularity", granularity, 1)
+    check_int("num_experts", num_experts, 1)
+    check_int("d_ff", d_ff, 1)
     check_k(k, num_experts)
     if d_ff % granularity:
         raise ValueError(f"d_ff={d_ff} must be divisible by granularity={granularity} (each expert is split "

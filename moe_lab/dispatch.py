@@ -26,8 +26,9 @@ import torch
 from .experts import Experts
 from .metrics import tokens_per_expert
 from .permute import gather_slots, sum_slots
-from .routing import check_experts
+from .routing import check_experts, check_k
 from .utils import compute_dtype
+from .validation import check_finite, check_int, check_number, check_tensor
 
 DropPolicy = Literal["position", "probability", "batch_priority"]
 DROP_POLICIES = ("position", "probability", "batch_priority")
@@ -38,15 +39,17 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k
 
     Switch Transformer eq. (3) (tokens per batch / experts x capacity factor), times ``k`` for top-k as in
     GShard (top-2: ``2N/E``). We round *up*, so capacity factor 1.0 with perfectly even routing drops nothing;
-    some implementations truncate with ``int()`` instead (at most one slot less). The product is rounded to 9
-    decimals first so that float noise (``1.1 * 100 / 10 = 11.000000000000002``) does not add a slot.
+    some implementations truncate with ``int()`` instead (at most one slot less). A product within a relative
+    ``1e-9`` of an integer counts as that integer, so that float noise (``1.1 * 100 / 10 = 11.000000000000002``)
+    does not add a slot; any other positive product gives at least one slot.
     """
-    if (not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool)
-            or not 0 < capacity_factor < math.inf):
-        raise ValueError(f"capacity_factor must be a finite number > 0 (or None for dropless), got {capacity_factor!r}")
-    if num_tokens < 0 or num_experts < 1 or k < 1:
-        raise ValueError(f"need num_tokens >= 0, num_experts >= 1, k >= 1; got {num_tokens}, {num_experts}, {k}")
-    return math.ceil(round(num_tokens * k * capacity_factor / num_experts, 9))
+    check_number("capacity_factor", capacity_factor, 0, low_open=True)
+    check_int("num_tokens", num_tokens, 0)
+    check_int("num_experts", num_experts, 1)
+    check_k(k, num_experts)
+    slots = num_tokens * k * capacity_factor / num_experts
+    nearest = round(slots)
+    return nearest if nearest > 0 and abs(slots - nearest) <= 1e-9 * nearest else math.ceil(slots)
 
 
 def _priority_order(experts: torch.Tensor, probs: torch.Tensor | None, policy: str) -> torch.Tensor:
@@ -59,11 +62,17 @@ def _priority_order(experts: torch.Tensor, probs: torch.Tensor | None, policy: s
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {policy!r}")
+    if probs is None and policy != "position":
+        raise ValueError(f"drop_policy={policy!r} needs probs of shape {tuple(experts.shape)} (one per slot)")
+    if probs is not None:
+        check_tensor("probs", probs, f"{list(experts.shape)} (one per slot)", kind="float")
+        if probs.shape != experts.shape:
+            raise ValueError(f"probs must have the shape of experts, {tuple(experts.shape)} (one per slot), got "
+                             f"{tuple(probs.shape)}")
+        check_finite("probs", probs)
     n = experts.numel()
     if policy == "position":
         return torch.arange(n, device=experts.device)
-    if probs is None or probs.shape != experts.shape:
-        raise ValueError(f"drop_policy={policy!r} needs probs of shape {tuple(experts.shape)} (one per slot)")
     if policy == "batch_priority":
         num_tokens, k = experts.shape
         tokens = torch.sort(probs.detach().float().amax(dim=1), descending=True, stable=True).indices
@@ -81,6 +90,7 @@ def queue_positions(
     -> ``[T, k]`` int64. A slot is kept under capacity ``C`` iff its position is ``< C``.
     """
     check_experts(experts, num_experts)
+    experts = experts.long()
     num_tokens, k = experts.shape
     order = _priority_order(experts, probs, policy)  # priority rank -> choice-major slot id
     by_rank = experts.T.reshape(-1)[order]  # expert of each slot, in priority order
@@ -108,8 +118,7 @@ def capacity_mask(
     ``"batch_priority"`` (V-MoE): as ``"position"``, with tokens ordered by their top-1 probability.
     No expert ever keeps more than ``capacity`` slots.
     """
-    if capacity < 0:
-        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    check_int("capacity", capacity, 0)
     return queue_positions(experts, num_experts, probs, policy) < capacity
 
 

@@ -62,6 +62,29 @@ def _takes_fused(x: torch.Tensor, w: torch.Tensor, fused: bool | None) -> bool:
     return bool(fused)
 
 
+def check_counts(counts, num_groups: int, num_rows: int) -> list[int] | None:
+    """Check ``counts``: a 1-D integer tensor of ``num_groups`` non-negative entries summing to ``num_rows``.
+
+    Its shape and dtype are always checked; its values only where reading them is free of a host-device sync (a
+    CPU tensor, or any tensor under ``torch.autograd.set_detect_anomaly(True)``). Returns the counts as a list
+    when the values were read (None otherwise).
+    """
+    expected = (f"counts must have {num_groups} entries summing to the {num_rows} rows of x "
+                "(a 1-D integer tensor, entries >= 0)")
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(f"{expected}, got {type(counts).__name__}")
+    if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+        raise ValueError(f"{expected}, got dtype {counts.dtype}")
+    if counts.shape != (num_groups,):
+        raise ValueError(f"{expected}, got shape {tuple(counts.shape)}")
+    if counts.device.type != "cpu" and not torch.is_anomaly_enabled():
+        return None
+    values = counts.tolist()
+    if min(values, default=0) < 0 or sum(values) != num_rows:
+        raise ValueError(f"{expected}, got {values}")
+    return values
+
+
 def grouped_mm_kernel(x: torch.Tensor, w: torch.Tensor, fused: bool | None = None) -> str:
     """In words, what ``grouped_mm(x, w, counts, fused=fused)`` runs on these operands on this machine."""
     if _takes_fused(x, w, fused):
@@ -75,7 +98,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *, fused:
     Args:
         x: ``[S, d_in]`` rows sorted by group; group ``e`` has ``counts[e]`` rows.
         w: ``[E, d_in, d_out]`` one matrix per group.
-        counts: ``[E]`` int rows per group (may contain zeros), summing to ``S``.
+        counts: ``[E]`` int rows per group (may contain zeros), summing to ``S`` (checked by
+            :func:`check_counts`: a ``ValueError`` naming ``counts`` otherwise).
         fused: use ``F.grouped_mm`` (True) or the per-group fallback (False). ``None``: fused on CUDA when
             usable (one kernel, no host sync); the fallback on CPU, where per-group matmuls are as fast as
             torch's CPU kernel with one thread or passive OpenMP waiting, and up to 2x faster on a busy
@@ -84,11 +108,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *, fused:
     Returns:
         ``[S, d_out]`` with rows of group ``e`` equal to ``x_e @ w[e]``.
     """
+    host_counts = check_counts(counts, w.shape[0], x.shape[0])
     if _takes_fused(x, w, fused):
         offsets = counts.cumsum(0).to(torch.int32)
         return _contiguous_grad(F.grouped_mm(x, w, offs=offsets))
     # Fallback: one matmul per group on contiguous slices (needs the counts on the host).
-    pieces = [xe @ we for xe, we in zip(torch.split(x, counts.tolist()), w)]
+    if host_counts is None:  # read now anyway (a sync on CUDA): check the values too
+        host_counts = check_counts(counts.cpu(), w.shape[0], x.shape[0])
+    pieces = [xe @ we for xe, we in zip(torch.split(x, host_counts), w)]
     return torch.cat(pieces) if pieces else x.new_empty(0, w.shape[-1])
 
 
@@ -293,16 +320,14 @@ class Experts(nn.Module):
         scale = None if scale is None else scale.to(dtype)
         if scale is not None and scale.shape != x.shape[:1]:
             raise ValueError(f"scale must have shape [{x.shape[0]}] (one per row), got {tuple(scale.shape)}")
+        host_counts = check_counts(counts, self.num_experts, x.shape[0])
         use_fused = _takes_fused(x, w1, fused)
-        if not use_fused:
-            host_counts = counts.tolist()
-            if len(host_counts) != self.num_experts or sum(host_counts) != x.shape[0]:
-                raise ValueError(f"counts must have {self.num_experts} entries summing to the {x.shape[0]} rows "
-                                 f"of x, got {host_counts}")
-            if not (self.dropout and self.training):  # _ExpertMLP has no dropout: autograd below does
-                with torch.autocast(x.device.type, enabled=False):  # operands are in the compute dtype already
-                    threads = torch.get_num_threads() if x.device.type == "cpu" else 1
-                    return _ExpertMLP.apply(x, scale, host_counts, threads, w1, w3, w2)
+        if not use_fused and not (self.dropout and self.training):  # _ExpertMLP has no dropout: autograd below does
+            if host_counts is None:  # read now anyway (a sync on CUDA): check the values too
+                host_counts = check_counts(counts.cpu(), self.num_experts, x.shape[0])
+            with torch.autocast(x.device.type, enabled=False):  # operands are in the compute dtype already
+                threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+                return _ExpertMLP.apply(x, scale, host_counts, threads, w1, w3, w2)
         h3 = None if w3 is None else grouped_mm(x, w3, counts, fused=use_fused)
         y = grouped_mm(self._act(grouped_mm(x, w1, counts, fused=use_fused), h3), w2, counts, fused=use_fused)
         return y if scale is None else y * scale.unsqueeze(-1)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
-from .config import STRUCTURAL, MoEConfig, MoEOptions
+from .config import STRUCTURAL, MoEConfig, MoEOptions, check_option_names
 from .dispatch import DISPATCH, capacity_mask, expert_capacity
 from .experts import FFN, Experts
 from .losses import (communication_balance_loss, device_balance_loss, importance_loss, load_loss, router_z_loss,
@@ -15,6 +15,7 @@ from .losses import (communication_balance_loss, device_balance_loss, importance
 from .metrics import drop_rate, tokens_per_expert
 from .routing import (NoisyTopKRouter, Router, dense_gates, multiplicative_jitter, normalized_scores, sigmoid_topk,
                       softmax_topk)
+from .validation import check_finite, check_tensor, reads_values
 
 
 @dataclass
@@ -113,6 +114,7 @@ class MoELayer(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, **options):
         super().__init__()
+        check_option_names(options)
         self.config = c = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, k=k, **options)
         self.router = Router(d_model, num_experts) if c.router == "softmax" else NoisyTopKRouter(d_model, num_experts)
         self.experts = Experts(self._num_local_experts(num_experts), d_model, d_ff, c.activation,
@@ -134,6 +136,7 @@ class MoELayer(nn.Module):
         """Change options in place, validated (e.g. ``layer.configure(eval_capacity_factor=2.0, k=3)``).
         Options that decide the layer's weights and buffers (:data:`moe_lab.config.STRUCTURAL`) cannot change:
         build a new layer for those."""
+        check_option_names(changes, tuple(f.name for f in fields(MoEConfig)))
         fixed = sorted(set(changes) & set(STRUCTURAL))
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change on a built layer (they decide its weights); "
@@ -182,14 +185,36 @@ class MoELayer(nn.Module):
         scores, gates, experts = sigmoid_topk(logits, c.k, renormalize=c.renormalize, **common)
         return scores, normalized_scores(scores), gates, experts
 
+    def _check_input_values(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Raise unless ``tokens`` are finite and small enough for finite router logits (where :func:`reads_values`
+        allows; non-finite logits from finite weights and input mean the input is too large)."""
+        if not reads_values(tokens):
+            return
+        check_finite("x", tokens)
+        if not bool(torch.isfinite(logits).all()) and bool(torch.isfinite(self.router.weight).all()):
+            raise ValueError(f"x is too large: |x| up to {float(tokens.detach().abs().max()):.3g} overflows the router "
+                             f"logits in {logits.dtype} (largest finite value {torch.finfo(logits.dtype).max:.3g}); "
+                             "normalise x")
+
+    def _check_output(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise where a finite ``x`` gave a NaN or infinite output (checked where :func:`reads_values` allows)."""
+        if reads_values(y) and not bool(torch.isfinite(y.detach()).all()):
+            raise ValueError(
+                f"the layer's output has {int((~torch.isfinite(y.detach())).sum())} non-finite value(s) for a finite x "
+                f"(|x| up to {float(x.detach().abs().max()):.3g}): the expert FFNs overflowed {y.dtype} (largest "
+                f"finite value {torch.finfo(y.dtype).max:.3g}); normalise x, or check the expert weights for NaN")
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
         c = self.config
-        if x.shape[-1] != c.d_model:
+        check_tensor("x", x, f"[..., d_model={c.d_model}]", kind=None)
+        if x.dim() == 0 or x.shape[-1] != c.d_model:
             raise ValueError(f"x must have last dimension d_model={c.d_model}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.numel() == 0:
             raise ValueError(f"x must contain at least one token, got shape {tuple(x.shape)}")
+        if x.device != self.router.weight.device:
+            raise ValueError(f"x must be on the layer's device {self.router.weight.device}, got x on {x.device}")
         tokens = x.reshape(-1, c.d_model)
         router_in = multiplicative_jitter(tokens, c.jitter_eps) if self.training else tokens
         clean = noise_std = None
@@ -197,6 +222,7 @@ class MoELayer(nn.Module):
             clean, noise_std, logits = self.router(router_in)
         else:
             logits = self.router(router_in, c.router_dtype)
+        self._check_input_values(tokens, logits)  # after the router, so a router hook sees its output first
         scores, probs, gates, experts = self._gate(logits)
         counts = tokens_per_expert(experts, c.num_experts)
         if self.load_counts is not None and self.training and torch.is_grad_enabled():
@@ -207,6 +233,7 @@ class MoELayer(nn.Module):
         y = self._run_experts(tokens, experts, gates, keep, capacity)
         if self.shared is not None:
             y = y + self.shared(tokens)
+        self._check_output(x, y)
         dropped = torch.zeros_like(experts, dtype=torch.bool) if keep is None else ~keep
         lead = tuple(x.shape[:-1])
         seq_len = lead[-1] if len(lead) >= 2 else tokens.shape[0]

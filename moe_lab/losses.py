@@ -14,19 +14,22 @@ without their coefficient (multiply by ``w`` / ``alpha`` / ``c_z`` in the traini
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .metrics import expert_groups, tokens_per_expert
-from .routing import check_k
+from .metrics import check_groups, expert_groups, tokens_per_expert
+from .routing import check_experts, check_k
+from .validation import check_finite, check_int, check_number, check_tensor, reads_values
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation ``var(v) / mean(v)^2`` of ``values: [E]`` (population variance).
 
-    0 when all entries are equal (and for a single expert); ``eps`` keeps an all-zero input finite.
+    0 when all entries are equal (and for a single expert); ``eps`` keeps an all-zero input finite. ``values``
+    may be counts (an integer tensor).
     """
+    check_tensor("values", values, "[num_experts]", 1, kind="real")
+    check_finite("values", values)
+    check_number("eps", eps, 0)
     values = values.float()
     if values.numel() < 2:
         return values.sum() * 0
@@ -39,8 +42,8 @@ def importance_loss(gates: torch.Tensor) -> torch.Tensor:
     gates: ``[T, E]`` dense gate matrix ``G(x)`` (zeros for unselected experts, see
     :func:`moe_lab.routing.dense_gates`).
     """
-    if gates.dim() != 2:
-        raise ValueError(f"gates must be the dense [tokens, num_experts] matrix, got shape {tuple(gates.shape)}")
+    check_tensor("gates", gates, "[tokens, num_experts] (the dense matrix)", 2)
+    check_finite("gates", gates)
     return cv_squared(gates.float().sum(dim=0))
 
 
@@ -58,6 +61,15 @@ def prob_in_topk(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tens
     Returns:
         ``[T, E]`` float32 probabilities (all 1 when ``k = E``: every expert is always selected).
     """
+    for name, t in (("clean", clean), ("noisy", noisy), ("noise_std", noise_std)):
+        check_tensor(name, t, "[tokens, num_experts]", 2)
+        if t.shape != clean.shape:
+            raise ValueError(f"clean, noisy and noise_std must have the same shape [tokens, num_experts], got "
+                             f"{tuple(clean.shape)}, {tuple(noisy.shape)} and {tuple(noise_std.shape)}")
+        check_finite(name, t)
+    if reads_values(noise_std) and noise_std.numel() and not bool((noise_std > 0).all()):
+        raise ValueError(f"noise_std must be > 0 everywhere (softplus of the noise logits), got a minimum of "
+                         f"{float(noise_std.min()):.3g}")
     num_experts = clean.shape[-1]
     check_k(k, num_experts)
     clean, noisy, noise_std = clean.float(), noisy.float(), noise_std.float()
@@ -92,9 +104,7 @@ def switch_aux_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         probs: ``[T, E]`` softmax over all experts (not the renormalised top-k gates).
         experts: ``[T, k]`` selected expert indices.
     """
-    if probs.dim() != 2 or experts.dim() != 2 or probs.shape[0] != experts.shape[0] or probs.shape[0] == 0:
-        raise ValueError(f"probs must be [T, E] and experts [T, k] with the same T >= 1, got shapes "
-                         f"{tuple(probs.shape)} and {tuple(experts.shape)}")
+    _check_probs_experts(probs, experts, 2, "[T, ")
     num_experts = probs.shape[-1]
     f = tokens_per_expert(experts, num_experts).float() / experts.numel()
     p = probs.float().mean(dim=0)
@@ -105,16 +115,24 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` (without the coefficient; ST-MoE: 1e-3).
 
     Args:
-        logits: ``[T, E]`` router logits.
+        logits: ``[T, E]`` router logits (``T, E >= 1``).
     """
+    check_tensor("logits", logits, "[tokens, num_experts]", 2)
+    if 0 in logits.shape:
+        raise ValueError(f"logits must have shape [tokens >= 1, num_experts >= 1], got shape {tuple(logits.shape)}")
+    check_finite("logits", logits)
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
 def _check_probs_experts(probs: torch.Tensor, experts: torch.Tensor, dims: int, what: str) -> None:
-    if (probs.dim() != dims or experts.dim() != dims or probs.shape[:-1] != experts.shape[:-1]
-            or probs.shape[-2] == 0):
-        raise ValueError(f"probs must be {what}E] and experts {what}k] with the same leading sizes (>= 1 token), "
+    """``probs: {what}E]`` finite floats and ``experts: {what}k]`` ids in ``0 .. E - 1``, same leading sizes (>= 1)."""
+    check_tensor("probs", probs, f"{what}E]", dims)
+    check_tensor("experts", experts, f"{what}k]", dims, kind=None)
+    if probs.shape[:-1] != experts.shape[:-1] or 0 in probs.shape or experts.shape[-1] == 0:
+        raise ValueError(f"probs must be {what}E] and experts {what}k] with the same {what[1:-2]} >= 1 and E, k >= 1, "
                          f"got shapes {tuple(probs.shape)} and {tuple(experts.shape)}")
+    check_experts(experts.reshape(-1, experts.shape[-1]), probs.shape[-1])
+    check_finite("probs", probs)
 
 
 def sequence_balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -154,6 +172,7 @@ def device_balance_loss(probs: torch.Tensor, experts: torch.Tensor, n_devices: i
     """
     _check_probs_experts(probs, experts, 2, "[T, ")
     num_tokens, num_experts = probs.shape
+    check_groups(num_experts, n_devices, "n_devices")
     group = expert_groups(num_experts, n_devices, probs.device)
     f = tokens_per_expert(experts, num_experts).float() * (num_experts / (experts.shape[-1] * num_tokens))
     p = probs.float().mean(dim=0)
@@ -176,11 +195,10 @@ def communication_balance_loss(probs: torch.Tensor, experts: torch.Tensor, n_dev
         n_devices: ``D``, dividing ``E``.  max_devices: ``M`` (the layer's ``topk_groups``), ``1 <= M <= D``.
     """
     _check_probs_experts(probs, experts, 2, "[T, ")
-    if not isinstance(max_devices, int) or isinstance(max_devices, bool) or not 1 <= max_devices <= n_devices:
-        raise ValueError(f"max_devices must be an integer with 1 <= max_devices <= n_devices={n_devices}, "
-                         f"got {max_devices!r}")
     num_tokens, num_experts = probs.shape
+    check_groups(num_experts, n_devices, "n_devices")
     group = expert_groups(num_experts, n_devices, probs.device)
+    check_int("max_devices", max_devices, 1, n_devices)
     sent = torch.zeros(num_tokens, n_devices, dtype=torch.bool, device=probs.device)
     sent = sent.scatter(1, group[experts.long()], True).float().sum(dim=0)  # [D] tokens each device receives
     f = sent * (n_devices / (max_devices * num_tokens))
@@ -205,11 +223,14 @@ def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float, *, centered
     Returns:
         the new ``[E]`` float32 bias (``bias`` is not modified).
     """
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < math.inf:
-        raise ValueError(f"rate (gamma, bias_update_rate) must be a finite number >= 0, got {rate!r}")
-    if bias.dim() != 1 or load.shape != bias.shape:
+    check_number("rate (gamma, bias_update_rate)", rate, 0)
+    check_tensor("bias", bias, "[num_experts]", 1)
+    check_tensor("load", load, "[num_experts]", 1, kind="real")
+    if load.shape != bias.shape:
         raise ValueError(f"bias and load must both have shape [num_experts], got {tuple(bias.shape)} and "
                          f"{tuple(load.shape)}")
+    check_finite("bias", bias)
+    check_finite("load", load)
     load = load.float()
     delta = rate * torch.sign(load.mean() - load)
     if centered:

@@ -23,6 +23,7 @@ from .config import MoEConfig, MoEOptions
 from .experts import FFN
 from .hooks import TrainHook
 from .layer import MoELayer, RoutingInfo
+from .validation import reads_values
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,6 +248,28 @@ class Block(nn.Module):
         return x + self.ffn(h), None
 
 
+IGNORE_INDEX = -100
+"""A target id that :meth:`MoETransformer.loss` skips (``F.cross_entropy``'s ``ignore_index``), e.g. for padding."""
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
+    """Raise unless ``ids`` is a non-empty int64 / int32 ``[batch, seq_len]`` tensor of ids in ``0 .. vocab_size - 1``
+    (or ``ignore_index``); the range is checked where :func:`moe_lab.validation.reads_values` allows."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids [batch, seq_len], got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"{name} must be an int64 (or int32) tensor of token ids of shape [batch >= 1, seq_len >= 1], "
+                         f"got {ids.dtype} of shape {tuple(ids.shape)}")
+    if reads_values(ids):
+        bad = (ids < 0) | (ids >= vocab_size)
+        if ignore_index is not None:
+            bad &= ids != ignore_index
+        if bool(bad.any()):
+            also = "" if ignore_index is None else f" (or {ignore_index}: ignored)"
+            raise ValueError(f"{name} must hold token ids in 0..{vocab_size - 1} (vocab_size={vocab_size}){also}, got "
+                             f"{int(bad.sum())} id(s) outside, e.g. {int(ids[bad][0])}")
+
+
 def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """``logits: [B, vocab]`` -> ``[B, 1]`` token ids: argmax (temperature 0) or a draw from the tempered softmax."""
@@ -302,8 +325,7 @@ class MoETransformer(nn.Module):
         ``cache``: a :class:`KVCache` (from :meth:`new_cache`): ``idx`` holds the next ``L`` tokens after the
         ``cache.length`` cached ones; their keys and values are appended and ``cache.length`` grows by ``L``.
         """
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape [batch, seq_len], got shape {tuple(idx.shape)}")
+        check_token_ids("idx", idx, self.cfg.vocab_size)
         if cache is not None and cache.batch != idx.shape[0]:
             raise ValueError(f"cache holds batch={cache.batch} sequences, idx has {idx.shape[0]}")
         x = self.embed(idx)
@@ -319,7 +341,11 @@ class MoETransformer(nn.Module):
         return logits, infos
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> LossOutput:
-        """Next-token loss. idx, targets: ``[B, L]``."""
+        """Next-token loss. idx, targets: ``[B, L]`` (targets int64; :data:`IGNORE_INDEX` skips a position)."""
+        check_token_ids("targets", targets, self.cfg.vocab_size, IGNORE_INDEX)
+        if targets.dtype != torch.int64 or targets.shape != getattr(idx, "shape", None):
+            raise ValueError(f"targets must be int64 with the shape of idx, {tuple(getattr(idx, 'shape', ()))}, got "
+                             f"{targets.dtype} of shape {tuple(targets.shape)}")
         logits, infos = self(idx)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         zero = ce.new_zeros(())

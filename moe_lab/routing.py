@@ -14,12 +14,13 @@ layer's ``router_dtype`` lowers it for precision experiments; a selection bias a
 """
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from .validation import check_bool, check_finite, check_int, check_number, check_tensor, is_int, reads_values
 
 SoftmaxOrder = Literal["before_topk", "after_topk"]
 SOFTMAX_ORDERS = ("before_topk", "after_topk")
@@ -29,25 +30,24 @@ GROUP_SCORES = ("max", "top2_sum")
 
 def check_k(k: int, num_experts: int) -> None:
     """Raise ``ValueError`` unless ``1 <= k <= num_experts``."""
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
+    check_int("num_experts", num_experts, 0)
+    if not is_int(k) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an integer with 1 <= k <= num_experts={num_experts}, got k={k!r}")
 
 
-def reads_values(t: torch.Tensor) -> bool:
-    """Whether input checks may read ``t``'s values: always on CPU; on other devices (where a read is a host-device
-    sync) only under PyTorch's debug mode, ``torch.autograd.set_detect_anomaly(True)``."""
-    return t.device.type == "cpu" or torch.is_anomaly_enabled()
-
-
 def check_experts(experts: torch.Tensor, num_experts: int) -> None:
-    """Raise ``ValueError`` unless ``experts`` is an integer ``[T, k]`` tensor of ids in ``0 .. num_experts - 1``.
+    """Raise ``ValueError`` unless ``experts`` is an integer (not bool) ``[T, k]`` tensor of ids in
+    ``0 .. num_experts - 1`` (``TypeError`` if it is not a tensor).
 
     The range is checked where :func:`reads_values` allows (on CUDA an id out of range otherwise fails in the
     indexing kernel).
     """
-    if experts.dim() != 2 or experts.is_floating_point() or experts.is_complex():
-        raise ValueError(f"experts must be an integer tensor of shape [tokens, k], got {experts.dtype} "
-                         f"of shape {tuple(experts.shape)}")
+    check_int("num_experts", num_experts, 1)
+    if not isinstance(experts, torch.Tensor):
+        raise TypeError(f"experts must be an integer tensor of shape [tokens, k], got {type(experts).__name__}")
+    if experts.dim() != 2 or experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
+        raise ValueError(f"experts must be an integer (int64, not bool) tensor of shape [tokens, k], got "
+                         f"{experts.dtype} of shape {tuple(experts.shape)}")
     if reads_values(experts) and experts.numel() and (experts.min() < 0 or experts.max() >= num_experts):
         raise ValueError(f"experts must hold expert ids in 0..{num_experts - 1} (num_experts={num_experts}), "
                          f"got ids from {int(experts.min())} to {int(experts.max())}")
@@ -72,8 +72,7 @@ def check_group_limits(num_experts: int, k: int, n_groups: int, topk_groups: int
     divides ``num_experts``, ``1 <= topk_groups <= n_groups``, ``group_score`` is known (``"top2_sum"`` needs
     groups of at least 2 experts) and ``k`` fits into the experts of the ``topk_groups`` kept groups."""
     for name, value in (("n_groups", n_groups), ("topk_groups", topk_groups)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, 1)
     if num_experts % n_groups:
         raise ValueError(f"n_groups={n_groups} must divide num_experts={num_experts} (groups are contiguous and equal)")
     if topk_groups > n_groups:
@@ -90,18 +89,29 @@ def check_group_limits(num_experts: int, k: int, n_groups: int, topk_groups: int
 
 
 def check_bias(bias: torch.Tensor | None, num_experts: int) -> None:
-    """Raise ``ValueError`` unless ``bias`` is None or a floating-point ``[num_experts]`` tensor."""
+    """Raise ``ValueError`` unless ``bias`` is None or a finite floating-point ``[num_experts]`` tensor."""
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,)
                              or not bias.is_floating_point()):
-        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        shape = f"{bias.dtype} of shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"bias must be a floating-point tensor of shape [num_experts]=[{num_experts}], got {shape}")
+    if bias is not None:
+        check_finite("bias", bias)
+
+
+def check_gating_dtype(dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` unless ``dtype`` (of the gating math) is a real floating-point torch dtype."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, torch.float16, "
+                         f"torch.float64), got {dtype!r}")
 
 
 def _router_math_input(logits: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     """Validate ``[T, E]`` logits and ``k``; return the logits in the gating dtype (float32 by default)."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape [tokens, num_experts], got shape {tuple(logits.shape)}")
+    check_tensor("logits", logits, "[tokens, num_experts]", 2)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [tokens, num_experts >= 1], got shape {tuple(logits.shape)}")
     check_k(k, logits.shape[-1])
+    check_gating_dtype(dtype)
     check_finite_logits(logits)
     out = logits.to(dtype)
     if (out.dtype != logits.dtype and torch.finfo(logits.dtype).max > torch.finfo(dtype).max
@@ -114,7 +124,7 @@ def _router_math_input(logits: torch.Tensor, k: int, dtype: torch.dtype) -> torc
 def _group_scores(sel: torch.Tensor, n_groups: int, group_score: str, log_space: bool) -> torch.Tensor:
     """``[T, n_groups]`` score of each contiguous group of ``sel: [T, E]``: its max, or the sum of its top-2
     (``log_space``: ``sel`` holds log-scores, so the sum is a ``logsumexp``)."""
-    grouped = sel.view(sel.shape[0], n_groups, -1)
+    grouped = sel.view(sel.shape[0], n_groups, sel.shape[1] // n_groups)
     if group_score == "max":
         return grouped.amax(dim=-1)
     top2 = grouped.topk(2, dim=-1).values
@@ -127,10 +137,11 @@ def _limited_topk(sel: torch.Tensor, k: int, n_groups: int, topk_groups: int, gr
     """Top-k of ``sel: [T, E]`` among the experts of each token's best ``topk_groups`` groups, the groups scored
     on ``group_sel`` (default ``sel``); the other experts are masked with ``-inf``."""
     if n_groups > 1 and topk_groups < n_groups:
+        size = sel.shape[1] // n_groups
         scores = _group_scores(sel if group_sel is None else group_sel, n_groups, group_score, log_space)
         kept = scores.topk(topk_groups, dim=-1).indices  # [T, topk_groups]
         masked = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)  # [T, n_groups]
-        grouped = sel.view(sel.shape[0], n_groups, -1).masked_fill(masked.unsqueeze(-1), float("-inf"))
+        grouped = sel.view(sel.shape[0], n_groups, size).masked_fill(masked.unsqueeze(-1), float("-inf"))
         sel = grouped.view_as(sel)
     values, experts = sel.topk(k, dim=-1)
     return values, experts
@@ -155,10 +166,10 @@ def group_limited_topk(scores: torch.Tensor, k: int, *, n_groups: int, topk_grou
     Returns:
         ``(values [T, k], experts [T, k] int64)``: the selected scores and experts, largest first.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must have shape [tokens, num_experts], got shape {tuple(scores.shape)}")
+    check_tensor("scores", scores, "[tokens, num_experts]", 2)
     check_k(k, scores.shape[-1])
     check_group_limits(scores.shape[-1], k, n_groups, topk_groups, group_score)
+    check_finite("scores", scores)
     return _limited_topk(scores, k, n_groups, topk_groups, group_score)
 
 
@@ -168,8 +179,7 @@ def _normalize(gates: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled(gates: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
-    if not (isinstance(routed_scaling_factor, (int, float)) and 0 < routed_scaling_factor < math.inf):
-        raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {routed_scaling_factor!r}")
+    check_number("routed_scaling_factor", routed_scaling_factor, 0, low_open=True)
     return gates if routed_scaling_factor == 1 else gates * routed_scaling_factor
 
 
@@ -218,6 +228,7 @@ def softmax_topk(
     """
     if softmax_order not in SOFTMAX_ORDERS:
         raise ValueError(f"softmax_order must be one of {SOFTMAX_ORDERS}, got {softmax_order!r}")
+    check_bool("renormalize", renormalize)
     if softmax_order == "after_topk" and not renormalize:
         raise ValueError(
             "renormalize=False only applies to softmax_order='before_topk': a softmax after top-k "
@@ -273,6 +284,7 @@ def sigmoid_topk(
         scores: ``[T, E]`` sigmoid scores (unbiased) in ``dtype``.  gates: ``[T, k]`` gate weights, best first.
         experts: ``[T, k]`` int64 selected experts.
     """
+    check_bool("renormalize", renormalize)
     logits = _router_math_input(logits, k, dtype)
     check_group_limits(logits.shape[-1], k, n_groups, topk_groups, group_score)
     scores = logits.sigmoid()
@@ -281,9 +293,10 @@ def sigmoid_topk(
         _, experts = _limited_topk(logits, k, n_groups, topk_groups, group_score, group_sel, log_space=True)
     else:
         _, experts = _limited_topk(_selection(scores, bias), k, n_groups, topk_groups, group_score)
-    gates = scores.gather(1, experts)
-    if renormalize and k > 1:
-        gates = _normalize(gates)
+    if renormalize and k > 1:  # s_i / sum_j s_j as a softmax of log s_i: exact where every selected s_i underflows
+        gates = F.logsigmoid(logits.gather(1, experts)).softmax(dim=-1)
+    else:
+        gates = scores.gather(1, experts)
     return scores, _scaled(gates, routed_scaling_factor), experts
 
 
@@ -291,6 +304,13 @@ def normalized_scores(scores: torch.Tensor) -> torch.Tensor:
     """Scores normalised over all experts per token, ``s'_{t,i} = s_{t,i} / sum_j s_{t,j}`` (``[T, E]``):
     DeepSeek-V3's ``s'`` in the sequence-wise balance loss; equal to the probabilities for softmax scores."""
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def check_router_input(x: torch.Tensor, d_model: int) -> None:
+    """Raise unless ``x`` is a floating-point ``[..., d_model]`` tensor."""
+    check_tensor("x", x, f"[tokens, d_model={d_model}]", kind="float")
+    if x.dim() == 0 or x.shape[-1] != d_model:
+        raise ValueError(f"x must have shape [tokens, d_model={d_model}], got shape {tuple(x.shape)}")
 
 
 class Router(nn.Module):
@@ -301,13 +321,15 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        check_int("d_model", d_model, 1)
+        check_int("num_experts", num_experts, 1)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default init
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """x: ``[T, d_model]`` -> logits ``[T, E]`` in ``dtype`` (the matmul runs in it)."""
+        check_router_input(x, self.weight.shape[1])
+        check_gating_dtype(dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.to(dtype), self.weight.to(dtype))
 
@@ -317,6 +339,11 @@ def dense_gates(gates: torch.Tensor, experts: torch.Tensor, num_experts: int) ->
 
     gates: ``[T, k]``, experts: ``[T, k]`` -> ``[T, E]`` float32 (differentiable in ``gates``).
     """
+    check_experts(experts, num_experts)
+    check_tensor("gates", gates, "[tokens, k]", 2)
+    if gates.shape != experts.shape:
+        raise ValueError(f"gates and experts must have the same shape [tokens, k], got {tuple(gates.shape)} and "
+                         f"{tuple(experts.shape)}")
     out = torch.zeros(gates.shape[0], num_experts, dtype=torch.float32, device=gates.device)
     return out.scatter(1, experts, gates.float())
 
@@ -327,8 +354,8 @@ def multiplicative_jitter(x: torch.Tensor, eps: float, generator: torch.Generato
     Applied to the copy of ``x: [T, d_model]`` that the router sees, in training only (the experts get the
     clean ``x``). ``eps = 0`` returns ``x`` unchanged; Switch used ``eps = 1e-2``.
     """
-    if not 0 <= eps < 1:
-        raise ValueError(f"jitter_eps must satisfy 0 <= jitter_eps < 1, got {eps!r}")
+    check_number("eps (jitter_eps)", eps, 0, 1, high_open=True)
+    check_tensor("x", x, "[tokens, d_model]", kind="float")
     if eps == 0:
         return x
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
@@ -367,13 +394,14 @@ class NoisyTopKRouter(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        check_int("d_model", d_model, 1)
+        check_int("num_experts", num_experts, 1)
         self.weight = nn.Parameter(torch.zeros(num_experts, d_model))
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> NoisyLogits:
         """x: ``[T, d_model]`` -> :class:`NoisyLogits` of ``[T, E]`` float32 tensors."""
+        check_router_input(x, self.weight.shape[1])
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             clean = F.linear(x, self.weight.float())

@@ -206,7 +206,7 @@ def test_device_losses_are_differentiable_in_probs():
 
 
 def test_balance_losses_bad_input():
-    with pytest.raises(ValueError, match="n_groups must be an integer >= 1 dividing num_experts=6"):
+    with pytest.raises(ValueError, match="n_devices must be an integer >= 1 dividing num_experts=6"):
         device_balance_loss(torch.full((3, 6), 1 / 6), torch.zeros(3, 1, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="max_devices"):
         communication_balance_loss(torch.full((3, 6), 1 / 6), torch.zeros(3, 1, dtype=torch.long), 3, 4)

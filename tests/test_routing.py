@@ -298,3 +298,10 @@ def test_bad_bias_and_scale_rejected():
             softmax_topk(torch.randn(3, 8), 2, bias=bias)
     with pytest.raises(ValueError, match="routed_scaling_factor"):
         sigmoid_topk(torch.randn(3, 8), 2, routed_scaling_factor=-1.0)
+
+
+def test_sigmoid_renormalised_gates_sum_to_one_where_every_score_underflows():
+    """sigmoid(-108) and sigmoid(-140) are 0 in float32; their ratio is not (found by the property tests)."""
+    _, gates, experts = sigmoid_topk(torch.tensor([[-108.45, -139.86, -200.0]]), 2)
+    assert experts.tolist() == [[0, 1]]
+    torch.testing.assert_close(gates, torch.tensor([[1.0, math.exp(-139.86 + 108.45)]]))

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ipywidgets as widgets
@@ -45,14 +46,14 @@ def calculator_report(d_model: int = 4096, d_expert: int = 14336, num_experts: i
                       activation: str = "swiglu") -> CalculatorReport:
     """Count a GQA transformer with an MoE FFN (``num_experts`` routed experts of width ``d_expert``, top-``k``,
     ``n_shared`` shared experts) in every layer; ``num_experts=0`` gives a dense FFN of width ``d_expert``.
-    Heads: ``d_model / head_dim`` query heads and ``min(n_kv_heads, heads)`` KV heads.
+    Heads: ``d_model / head_dim`` query heads and ``gcd(n_kv_heads, heads)`` KV heads (a divisor of the heads).
     FLOPs use ``context`` keys per token; memory uses ``dtype``, and the KV cache ``batch x context`` tokens.
     The defaults are Mixtral 8x7B."""
     if d_model % head_dim:
         raise ValueError(f"d_model must be a multiple of head_dim={head_dim}, got {d_model}")
     heads = d_model // head_dim
     moe = num_experts > 0
-    arch = Arch(n_layers=n_layers, d_model=d_model, n_heads=heads, n_kv_heads=min(n_kv_heads, heads),
+    arch = Arch(n_layers=n_layers, d_model=d_model, n_heads=heads, n_kv_heads=math.gcd(n_kv_heads, heads),
                 head_dim=head_dim, vocab_size=vocab_size, activation=activation, d_ff=0 if moe else d_expert,
                 num_experts=num_experts, k=k if moe else 0, d_expert=d_expert if moe else 0,
                 n_shared=n_shared if moe else 0, name="calculator")

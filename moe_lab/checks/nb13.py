@@ -1,0 +1,337 @@
+"""Exercises of 13_capstone: token classes, class x expert statistics, router saturation, MoE vs dense at equal
+FLOPs, and a trainable MoE block."""
+from __future__ import annotations
+
+import keyword
+import random
+import re
+
+import torch
+import torch.nn.functional as F
+
+from ..data import stdlib_corpus
+from ..layer import MoELayer
+from ..specialisation import TOKEN_CLASSES, class_expert_counts, class_expert_stats, router_saturation, token_classes
+from .core import Case, exercise
+
+# ---------------------------------------------------------------------------------------------------------- 13.1
+
+
+def _bytes_case(name: str, text: bytes) -> Case:
+    return Case(name, (torch.tensor(list(text), dtype=torch.int64),))
+
+
+def _substring_keywords(tokens: torch.Tensor) -> torch.Tensor:
+    """Mistake: a keyword found anywhere, also inside longer identifiers (``classify`` -> ``class``)."""
+    classes, text = token_classes(tokens), bytes(tokens.tolist())
+    for word in keyword.kwlist:
+        for m in re.finditer(re.escape(word.encode()), text):
+            classes[m.start():m.end()] = TOKEN_CLASSES.index("keyword")
+    return classes
+
+
+def _underscore_letter(tokens: torch.Tensor) -> torch.Tensor:
+    """Mistake: ``_`` counted as a letter."""
+    classes = token_classes(tokens)
+    classes[(tokens == ord("_")) & (classes != TOKEN_CLASSES.index("keyword"))] = TOKEN_CLASSES.index("letter")
+    return classes
+
+
+def _soft_keywords(tokens: torch.Tensor) -> torch.Tensor:
+    """Mistake: soft keywords (``match``, ``case``, ``type``, ``_``) counted as keywords too."""
+    classes = token_classes(tokens)
+    for m in re.finditer(rb"[A-Za-z0-9_]+", bytes(tokens.tolist())):
+        if m.group().decode() in keyword.softkwlist:
+            classes[m.start():m.end()] = TOKEN_CLASSES.index("keyword")
+    return classes
+
+
+@exercise("13.1", function="token_classes", title="Token classes of Python source bytes", points=3,
+          reference=token_classes,
+          hint="classify each byte by a lookup (letters, digits, whitespace, punctuation, other), then find every "
+               "maximal run of identifier bytes [A-Za-z0-9_] and mark all its bytes 'keyword' when the whole run "
+               "is a Python keyword",
+          hints=("string.ascii_letters, string.digits, string.whitespace and string.punctuation give the byte "
+                 "sets; keyword.kwlist the keywords (soft keywords such as match/case are not keywords here)",
+                 "a regular expression over bytes(tokens.tolist()), re.finditer(rb'[A-Za-z0-9_]+', text), yields "
+                 "the maximal runs with their start and end: 'classify', '_if' and 'if2' are not keywords"),
+          mistakes={"a keyword matched inside a longer identifier": _substring_keywords,
+                    "'_' counted as a letter": _underscore_letter,
+                    "soft keywords (match, case, type, _) counted as keywords": _soft_keywords})
+def _class_cases(hidden: bool) -> list[Case]:
+    cases = [_bytes_case("a short snippet", b"def f(x1, _if):\n    return x1 if x1 else None\n"),
+             _bytes_case("keywords inside identifiers", b"classify = elif_ or if2; elif True: match = None")]
+    if hidden:
+        corpus = stdlib_corpus(200_000)
+        start = random.randint(0, len(corpus) - 3000)
+        cases += [Case("2000 bytes of standard-library source", (corpus[start:start + 2000].clone(),)),
+                  _bytes_case("a keyword at both ends", b"import os as\tnot"),
+                  _bytes_case("soft keywords are not keywords", b"match x:\n case _: type = 1"),
+                  _bytes_case("non-ASCII bytes", "café = 'naïve' # ü\r\n".encode()),
+                  _bytes_case("one byte", b"_"), Case("empty", (torch.zeros(0, dtype=torch.int64),))]
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------------- 13.2
+
+
+def _first_choice_only(classes, experts, n_classes, num_experts):
+    """Mistake: only each token's first expert counted."""
+    return class_expert_stats(classes, experts[:, :1], n_classes, num_experts)
+
+
+def _columns_normalised(classes, experts, n_classes, num_experts):
+    """Mistake: P(class | expert) (columns normalised) instead of P(expert | class)."""
+    counts = class_expert_counts(classes, experts, n_classes, num_experts).float()
+    return torch.nan_to_num(counts / counts.sum(0, keepdim=True)), class_expert_stats(classes, experts, n_classes,
+                                                                                     num_experts)[1]
+
+
+def _bits(classes, experts, n_classes, num_experts):
+    """Mistake: mutual information in bits (log2) instead of nats."""
+    given, mi = class_expert_stats(classes, experts, n_classes, num_experts)
+    return given, mi / float(torch.log(torch.tensor(2.0)))
+
+
+def _routing_case(name: str, n: int, c: int, e: int, k: int, skew: float) -> Case:
+    classes = torch.randint(c, (n,))
+    logits = torch.randn(n, e) + skew * torch.randn(c, e)[classes]  # classes lean towards some experts
+    return Case(name, (classes, logits.topk(k, dim=-1).indices, c, e))
+
+
+@exercise("13.2", function="class_expert_stats", title="P(expert | class) and the mutual information", points=2,
+          reference=class_expert_stats, rtol=1e-4, atol=1e-6,
+          hint="count token-slots per (class, expert) pair, every one of a token's k choices counts; normalise each "
+               "row to get P(expert | class) (an empty class keeps a zero row); the mutual information is "
+               "sum p(c,e) log(p(c,e) / (p(c) p(e))) over the non-zero joint probabilities, in nats",
+          hints=("pair id = class * E + expert, then torch.bincount(pair.flatten(), minlength=C * E).view(C, E)",
+                 "p(c,e) = counts / counts.sum(); p(c) and p(e) are its row and column sums"),
+          mistakes={"only the first of the k experts counted": _first_choice_only,
+                    "P(class | expert) (columns normalised) instead of P(expert | class)": _columns_normalised,
+                    "mutual information in bits instead of nats": _bits})
+def _stats_cases(hidden: bool) -> list[Case]:
+    cases = [_routing_case("N=200, C=4, E=4, k=2, classes lean to experts", 200, 4, 4, 2, 2.0),
+             _routing_case("N=50, C=3, E=8, k=1, no preference", 50, 3, 8, 1, 0.0)]
+    if hidden:
+        cases += [_routing_case("N=1000, C=6, E=8, k=2", 1000, 6, 8, 2, 3.0),
+                  _routing_case("N=64, C=6, E=16, k=4 (some classes empty)", 5, 6, 16, 4, 1.0),
+                  Case("every class on its own expert (MI = log 4)", (torch.arange(40) % 4, (torch.arange(40) % 4)[:, None],
+                                                                     4, 4)),
+                  _routing_case("one token", 1, 3, 4, 2, 0.0)]
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------------- 13.3
+
+
+def _positionwise(experts: torch.Tensor, final: torch.Tensor) -> float:
+    """Mistake: slot i compared with slot i only (the order within the top-k matters)."""
+    return float((experts == final).float().mean())
+
+
+def _per_token_all(experts: torch.Tensor, final: torch.Tensor) -> float:
+    """Mistake: a token counts only when its whole top-k set is unchanged."""
+    same = (experts[:, :, None] == final[:, None, :]).any(-1).all(-1)
+    return float(same.float().mean())
+
+
+def _saturation_case(name: str, n: int, e: int, k: int, changed: float) -> Case:
+    final = torch.rand(n, e).topk(k, dim=-1).indices
+    early = final.clone()
+    redo = torch.rand(n) < changed
+    early[redo] = torch.rand(int(redo.sum()), e).topk(k, dim=-1).indices
+    perm = torch.rand(n, k).argsort(-1)  # the same set in another order is the same routing
+    return Case(name, (early.gather(1, perm), final))
+
+
+@exercise("13.3", function="router_saturation", title="OLMoE router saturation", points=1,
+          reference=router_saturation,
+          hint="for each token, count how many of its k experts at the checkpoint are also among its k experts in "
+               "the final model, divide by k, and average over tokens; the order inside the top-k does not matter",
+          hints=("(experts[:, :, None] == final[:, None, :]) is [N, k, k]: .any(-1) says which early choices "
+                 "survive",),
+          mistakes={"slots compared position by position (order within the top-k matters)": _positionwise,
+                    "a token counted only when its whole top-k set is unchanged": _per_token_all})
+def _sat_cases(hidden: bool) -> list[Case]:
+    cases = [_saturation_case("N=100, E=8, k=2, 30% re-routed", 100, 8, 2, 0.3),
+             _saturation_case("N=20, E=4, k=1, half re-routed", 20, 4, 1, 0.5)]
+    if hidden:
+        cases += [_saturation_case("N=500, E=64, k=8", 500, 64, 8, 0.6),
+                  _saturation_case("identical", 30, 8, 2, 0.0), _saturation_case("k = E", 10, 4, 4, 1.0),
+                  _saturation_case("one token", 1, 8, 3, 1.0)]
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------------- 13.4
+
+
+def _loss_within(losses: torch.Tensor, flops_per_step: int, budget: int) -> torch.Tensor:
+    """``[S]`` loss of each seed after the last step that fits in ``budget`` FLOPs."""
+    return losses[:, budget // flops_per_step - 1]
+
+
+def _std(values: torch.Tensor) -> float:
+    return float(values.std()) if len(values) > 1 else 0.0
+
+
+def moe_vs_dense_at_equal_flops(moe_losses: torch.Tensor, moe_flops_per_step: int, dense_losses: torch.Tensor,
+                                dense_flops_per_step: int) -> tuple[int, float, float, float, float]:
+    """Reference for 13.4: ``(budget, moe mean, moe std, dense mean, dense std)`` of the loss at the largest FLOP
+    budget both runs reached. losses: ``[seeds, steps]`` (loss after each step); std over seeds (n - 1; 0 for
+    one seed)."""
+    for name, losses, flops in (("moe", moe_losses, moe_flops_per_step), ("dense", dense_losses, dense_flops_per_step)):
+        if losses.dim() != 2 or losses.shape[1] == 0 or flops < 1:
+            raise ValueError(f"{name}_losses must be [seeds, steps >= 1] and {name}_flops_per_step >= 1")
+    budget = min(moe_losses.shape[1] * moe_flops_per_step, dense_losses.shape[1] * dense_flops_per_step)
+    moe = _loss_within(moe_losses, moe_flops_per_step, budget)
+    dense = _loss_within(dense_losses, dense_flops_per_step, budget)
+    return budget, float(moe.mean()), _std(moe), float(dense.mean()), _std(dense)
+
+
+def _same_step(moe_losses, moe_flops_per_step, dense_losses, dense_flops_per_step):
+    """Mistake: compared at the same number of steps instead of the same FLOPs."""
+    budget = min(moe_losses.shape[1] * moe_flops_per_step, dense_losses.shape[1] * dense_flops_per_step)
+    step = min(moe_losses.shape[1], dense_losses.shape[1]) - 1
+    moe, dense = moe_losses[:, step], dense_losses[:, step]
+    return budget, float(moe.mean()), _std(moe), float(dense.mean()), _std(dense)
+
+
+def _off_by_one(moe_losses, moe_flops_per_step, dense_losses, dense_flops_per_step):
+    """Mistake: the loss one step after the budget ran out."""
+    budget = min(moe_losses.shape[1] * moe_flops_per_step, dense_losses.shape[1] * dense_flops_per_step)
+    out = [budget]
+    for losses, flops in ((moe_losses, moe_flops_per_step), (dense_losses, dense_flops_per_step)):
+        v = losses[:, min(budget // flops, losses.shape[1] - 1)]
+        out += [float(v.mean()), _std(v)]
+    return tuple(out)
+
+
+def _population_std(moe_losses, moe_flops_per_step, dense_losses, dense_flops_per_step):
+    """Mistake: population standard deviation (n) instead of the sample one (n - 1)."""
+    budget, *_ = moe_vs_dense_at_equal_flops(moe_losses, moe_flops_per_step, dense_losses, dense_flops_per_step)
+    out = [budget]
+    for losses, flops in ((moe_losses, moe_flops_per_step), (dense_losses, dense_flops_per_step)):
+        v = _loss_within(losses, flops, budget)
+        out += [float(v.mean()), float(v.std(correction=0))]
+    return tuple(out)
+
+
+def _curves(seeds: int, steps: int, floor: float) -> torch.Tensor:
+    t = torch.arange(1, steps + 1, dtype=torch.float32)
+    return floor + 3.0 / t.sqrt() + 0.05 * torch.randn(seeds, steps)
+
+
+@exercise("13.4", function="moe_vs_dense_at_equal_flops", title="MoE vs dense at equal FLOPs", points=2,
+          reference=moe_vs_dense_at_equal_flops,
+          hint="the budget is the smaller of the two runs' total FLOPs (steps x FLOPs per step); each run has done "
+               "budget // flops_per_step steps within it, so read its loss after that many steps (column index "
+               "one less), then the mean and the sample standard deviation over seeds (0 for a single seed)",
+          hints=("losses[:, n - 1] is every seed's loss after n steps; use integer division so the step count is "
+                 "exact",),
+          mistakes={"compared at the same step instead of the same FLOPs": _same_step,
+                    "off by one: the loss one step after the budget": _off_by_one,
+                    "population standard deviation (n) instead of the sample one (n - 1)": _population_std})
+def _flops_cases(hidden: bool) -> list[Case]:
+    configs = [(3, 60, 900, 60, 1000), (3, 40, 500, 80, 200)]  # seeds, MoE steps, MoE FLOPs/step, dense ...
+    if hidden:
+        configs += [(1, 10, 7, 20, 3), (5, 100, 123, 100, 123), (2, 1, 50, 30, 1), (4, 50, 10, 7, 77)]
+    return [Case(f"{s} seeds, MoE {ms} steps x {mf} FLOPs, dense {ds} steps x {df} FLOPs",
+                 (_curves(s, ms, 1.0), mf, _curves(s, ds, 1.1), df)) for s, ms, mf, ds, df in configs]
+
+
+# ---------------------------------------------------------------------------------------------------------- 13.5
+
+
+def train_moe_block(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor,
+                    w2: torch.Tensor, k: int, aux_coef: float, lr: float, steps: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference for 13.5: ``MoELayer`` (GELU experts, softmax -> top-k -> renormalise) trained with SGD on
+    ``mse(y, target) + aux_coef * aux`` for ``steps`` steps -> ``(losses [steps], router weight, w1)`` (the loss
+    of each step before its update; the weights after the last update)."""
+    num_experts, d_model, d_ff = w1.shape
+    layer = MoELayer(d_model, d_ff, num_experts, k, activation="gelu", dispatch="loop")
+    with torch.no_grad():
+        layer.router.weight.copy_(router_weight)
+        layer.experts.w1.copy_(w1)
+        layer.experts.w2.copy_(w2)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        y, info = layer(x)
+        loss = F.mse_loss(y, target) + aux_coef * info.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses), layer.router.weight.detach().clone(), layer.experts.w1.detach().clone()
+
+
+def _slow_block(x, target, router_weight, w1, w2, k, aux_coef, lr, steps, *, renormalize=True, aux="probs",
+                detach_counts=True):
+    """A slow obvious MoE block trained like the reference, with the variants the mistakes need."""
+    params = [t.detach().clone().requires_grad_() for t in (router_weight, w1, w2)]
+    opt = torch.optim.SGD(params, lr=lr)
+    losses = []
+    num_experts = w1.shape[0]
+    for _ in range(steps):
+        rw, a, b = params
+        probs = torch.softmax(x @ rw.T, dim=-1)
+        gates, experts = probs.topk(k, dim=-1)
+        if renormalize:
+            gates = gates / gates.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for slot in range(k):
+            for e in range(num_experts):
+                rows = experts[:, slot] == e
+                y[rows] = y[rows] + gates[rows, slot, None] * (F.gelu(x[rows] @ a[e]) @ b[e])
+        f = torch.bincount(experts.flatten(), minlength=num_experts).float() / experts.numel()
+        p = probs.mean(0) if aux == "probs" else torch.zeros(x.shape[0], num_experts).scatter(
+            1, experts, gates).mean(0)
+        loss = F.mse_loss(y, target) + aux_coef * num_experts * (f * p).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses), params[0].detach().clone(), params[1].detach().clone()
+
+
+def _no_renormalize(*args):
+    """Mistake: the top-k gates not renormalised."""
+    return _slow_block(*args, renormalize=False)
+
+
+def _aux_from_gates(*args):
+    """Mistake: P_i of the aux loss from the top-k gates instead of the full softmax."""
+    return _slow_block(*args, aux="gates")
+
+
+def _no_aux(x, target, router_weight, w1, w2, k, aux_coef, lr, steps):
+    """Mistake: the aux loss left out of the training loss."""
+    return _slow_block(x, target, router_weight, w1, w2, k, 0.0, lr, steps)
+
+
+@exercise("13.5", function="train_moe_block", title="A trainable MoE block", points=4, reference=train_moe_block,
+          rtol=1e-4, atol=1e-5,
+          hint="an nn.Module whose forward routes (logits = x W_r^T, softmax over all experts, top-k, renormalise the "
+               "k gates), runs each expert on its tokens (w2(gelu(x w1))), sums gate x expert output, and returns "
+               "the Switch aux loss N * sum_i f_i P_i with it; then a plain SGD loop on mse + aux_coef * aux",
+          hints=("f_i counts token-slots (all k choices, no gradient), P_i is the mean full-softmax probability "
+                 "(with gradient): the aux loss reaches the router only through P",
+                 "store the given tensors as nn.Parameter copies; each step: forward, loss, zero_grad, backward, "
+                 "step, and record loss.item() of that step (before its update)"),
+          mistakes={"the top-k gates not renormalised": _no_renormalize,
+                    "P_i of the aux loss from the top-k gates instead of the full softmax": _aux_from_gates,
+                    "the aux loss left out of the training loss": _no_aux})
+def _block_cases(hidden: bool) -> list[Case]:
+    configs = [(32, 8, 16, 4, 2, 0.1, 0.2, 5), (16, 4, 8, 3, 1, 0.5, 0.1, 4)]
+    if hidden:
+        configs += [(64, 8, 8, 8, 2, 1e-2, 0.3, 6), (10, 6, 4, 4, 4, 0.2, 0.1, 3), (1, 4, 4, 2, 1, 0.1, 0.1, 2)]
+    cases = []
+    for t, d, f, e, k, aux, lr, steps in configs:
+        x = torch.randn(t, d)
+        x[: t // 2] += torch.randn(d)  # half the tokens share a direction: the router prefers some experts
+        target = torch.randn(t, d) * 0.5
+        args = (x, target, torch.randn(e, d), torch.randn(e, d, f) / d**0.5, torch.randn(e, f, d) / f**0.5, k, aux,
+                lr, steps)
+        cases.append(Case(f"T={t}, d={d}, d_ff={f}, E={e}, k={k}, aux_coef={aux}, lr={lr}, steps={steps}", args))
+    return cases

@@ -1,0 +1,79 @@
+"""Argument checks shared by the library: each raises a ``ValueError`` that names the argument and the allowed
+values (a ``TypeError`` where a tensor is required and something else is given).
+
+Checks that read a tensor's values (NaN, ranges) run only where :func:`reads_values` allows, so a CUDA forward
+pass never waits for the GPU; shape and dtype checks read metadata only and run everywhere.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+KINDS = {"float": "floating-point", "real": "real (integer or floating-point, not bool)", "int": "integer (not bool)",
+         "bool": "bool"}
+"""Dtype kinds :func:`check_tensor` accepts, and how its messages name them."""
+
+
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether input checks may read ``t``'s values: always on CPU; on other devices (where a read is a host-device
+    sync) only under PyTorch's debug mode, ``torch.autograd.set_detect_anomaly(True)``."""
+    return t.device.type == "cpu" or torch.is_anomaly_enabled()
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (Python or NumPy, integer or float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(name: str, value: Any, low: int = 0, high: int | None = None) -> None:
+    """``value`` is an integer in ``low .. high`` (``high=None``: no upper bound)."""
+    if not is_int(value) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"with {low} <= {name} <= {high}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` is a finite real number between ``low`` and ``high`` (excluded where ``*_open``)."""
+    ok = is_number(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = [f"{'>' if low_open else '>='} {low:g}"] if low > -math.inf else []
+        bounds += [f"{'<' if high_open else '<='} {high:g}"] if high < math.inf else []
+        raise ValueError(f"{name} must be a finite number{' ' if bounds else ''}{' and '.join(bounds)}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_tensor(name: str, t: Any, shape: str, dims: int | tuple[int, ...] | None = None,
+                 kind: str | None = "float") -> None:
+    """``t`` is a tensor with ``dims`` dimensions (one of them, for a tuple) and a dtype of ``kind`` (a key of
+    :data:`KINDS`; None: any); ``shape`` describes the expected shape in messages (e.g. ``"[tokens, num_experts]"``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
+    if dims is not None and t.dim() not in (dims if isinstance(dims, tuple) else (dims,)):
+        raise ValueError(f"{name} must have shape {shape}, got shape {tuple(t.shape)}")
+    if kind is None:
+        return
+    is_float, is_bool = t.is_floating_point(), t.dtype == torch.bool
+    is_int_ = not (is_float or is_bool or t.is_complex())
+    ok = {"float": is_float, "real": is_float or is_int_, "int": is_int_, "bool": is_bool}[kind]
+    if not ok:
+        raise ValueError(f"{name} must be a {KINDS[kind]} tensor, got {t.dtype}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """No NaN or infinity in ``t`` (checked where :func:`reads_values` allows)."""
+    if reads_values(t) and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) (NaN or inf) of {t.numel()}")

@@ -1,0 +1,39 @@
+"""Every case of the bad-input catalogue (tests/bad_input_cases.py) ends in a correct result or a ValueError /
+TypeError whose message names the argument."""
+import warnings
+
+import pytest
+import torch
+
+from tests.bad_input_cases import all_cases, same
+from tests.strategies import names
+
+CASES = all_cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "casting complex values to real discards the imaginary part"
+        if case.error is not None:
+            with pytest.raises((ValueError, TypeError)) as info:
+                case.call()
+            assert names(str(info.value), case.error), f"the message does not name {case.error!r}: {info.value}"
+        else:
+            result, expected = case.call(), case.expect()
+            assert same(result, expected), f"{result!r} != {expected!r}"
+
+
+def test_case_ids_are_unique():
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 4], [1, 1], [2, 2]], ids=["3 groups for 2 matrices", "4 rows of 6",
+                                                                     "4 rows of 6 in 2 groups"])
+def test_grouped_mm_rejects_counts_that_do_not_match_its_operands(counts):
+    """``counts`` needs one entry per matrix of ``w``, summing to the rows of ``x`` (``[1, 1, 4]`` once silently
+    dropped the third group: a [2, 2] result for 6 rows)."""
+    from moe_lab.experts import grouped_mm
+
+    with pytest.raises(ValueError, match="counts"):
+        grouped_mm(torch.randn(6, 3), torch.randn(2, 3, 2), torch.tensor(counts), fused=False)
