@@ -34,7 +34,8 @@ from dataclasses import fields, replace
 
 import torch
 
-from .config import MoEConfig, MoEOptions, _int_at_least
+from .config import MoEConfig, MoEOptions
+from .validation import check_int
 from .experts import FFN, Experts
 from .finetune import moe_layers_of
 from .hooks import TrainHook, TrainState
@@ -51,8 +52,8 @@ SET_BY_UPCYCLE = ("num_experts", "k", "d_expert", "moe_every", "first_dense")
 def check_granularity(num_experts: int, granularity: int, *, d_ff: int | None = None, k: int | None = None) -> None:
     """Raise ``ValueError`` (naming the argument) unless ``g = granularity`` divides ``num_experts`` (whole
     copies of the ``g`` slices) and, when given, ``d_ff`` and ``k`` (top-k selects whole copies)."""
-    _int_at_least("num_experts", num_experts, 1)
-    _int_at_least("granularity", granularity, 1)
+    check_int("num_experts", num_experts, 1)
+    check_int("granularity", granularity, 1)
     if d_ff is not None and d_ff % granularity:
         raise ValueError(f"granularity={granularity} must divide d_ff={d_ff} (each expert is a slice of "
                          f"d_ff / granularity hidden units)")
@@ -95,7 +96,7 @@ def upcycled_router_weight(num_experts: int, d_model: int, granularity: int = 1,
     """``[E, d_model]`` router weights for an upcycled layer: ``N(0, std^2)``, one row per copy repeated for its
     ``g`` slices (so the slices of a copy tie and top-k picks whole copies). ``std=0``: a zero router
     (uniform gates; every expert ties, so with ``g > 1`` top-k's tie-breaking may pick parts of copies)."""
-    _int_at_least("d_model", d_model, 1)
+    check_int("d_model", d_model, 1)
     check_granularity(num_experts, granularity)
     if not isinstance(std, (int, float)) or isinstance(std, bool) or not std >= 0:
         raise ValueError(f"std (router_std) must be a number >= 0, got {std!r}")
