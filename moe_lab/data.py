@@ -1,5 +1,5 @@
 """Training data that needs no download: byte-level text from the Python standard library's own source files
-(read from the running interpreter's installation).
+(read from the running interpreter's installation) and, as a second domain, its English help topics.
 
 Token ids are bytes (vocabulary 256); shapes: ``data: [N]`` int64, batches ``[B, L]``.
 """
@@ -34,6 +34,18 @@ def stdlib_corpus(max_bytes: int = 1_000_000) -> torch.Tensor:
             break
     data = b"".join(chunks)[:max_bytes]
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def pydoc_corpus(max_bytes: int = 1_000_000) -> torch.Tensor:
+    """Up to ``max_bytes`` bytes of English reference prose, a different domain from :func:`stdlib_corpus`'s
+    source code: the help topics the standard library ships for ``help()`` (``pydoc_data.topics``; topics in
+    name order, separated by a blank line) as ``[N]`` int64 token ids in ``[0, 256)``."""
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8")[:max_bytes]
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
 
 
 def train_val_split(data: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -321,14 +321,15 @@ class Experts(nn.Module):
         if scale is not None and scale.shape != x.shape[:1]:
             raise ValueError(f"scale must have shape [{x.shape[0]}] (one per row), got {tuple(scale.shape)}")
         host_counts = check_counts(counts, self.num_experts, x.shape[0])
-        if not _takes_fused(x, w1, fused):
+        use_fused = _takes_fused(x, w1, fused)
+        if not use_fused and not (self.dropout and self.training):  # _ExpertMLP has no dropout: autograd below does
             if host_counts is None:  # read now anyway (a sync on CUDA): check the values too
                 host_counts = check_counts(counts.cpu(), self.num_experts, x.shape[0])
             with torch.autocast(x.device.type, enabled=False):  # operands are in the compute dtype already
                 threads = torch.get_num_threads() if x.device.type == "cpu" else 1
                 return _ExpertMLP.apply(x, scale, host_counts, threads, w1, w3, w2)
-        h3 = None if w3 is None else grouped_mm(x, w3, counts, fused=True)
-        y = grouped_mm(self._act(grouped_mm(x, w1, counts, fused=True), h3), w2, counts, fused=True)
+        h3 = None if w3 is None else grouped_mm(x, w3, counts, fused=use_fused)
+        y = grouped_mm(self._act(grouped_mm(x, w1, counts, fused=use_fused), h3), w2, counts, fused=use_fused)
         return y if scale is None else y * scale.unsqueeze(-1)
 
     def forward_batched(self, x: torch.Tensor) -> torch.Tensor:

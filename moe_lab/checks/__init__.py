@@ -3,7 +3,7 @@
 
 Each ``nbNN`` module registers the exercises of ``solutions/NN_*.ipynb``.
 """
-from . import nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09, nb10, nb12, nb13  # noqa: F401  (registers the exercises)
+from . import nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09, nb10, nb11, nb12, nb13  # noqa: F401  (registers the exercises)
 from .core import REGISTRY, Case, CheckResult, Exercise, check, hint, run_check
 
 __all__ = ["REGISTRY", "Case", "CheckResult", "Exercise", "check", "hint", "run_check"]

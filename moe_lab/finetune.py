@@ -1,0 +1,108 @@
+"""Fine-tuning helpers: parameter groups of an MoE model, freezing by group, and changing the MoE layers'
+options (expert dropout, training / eval capacity factor) of a built model, and the constant learning rate that
+continued training and fine-tuning use (ST-MoE fine-tunes at a constant rate).
+
+Groups (ST-MoE, Zoph et al. 2022, fine-tune all parameters, only the non-MoE ones, or only the MoE ones):
+
+- ``moe``: every parameter inside an :class:`moe_lab.MoELayer`: routed experts, router, shared experts;
+- ``router``: the routers' parameters (a subset of ``moe``);
+- ``non_moe``: everything else: embeddings, attention, norms, the dense FFNs, the output head.
+
+:func:`set_trainable` freezes by group through ``requires_grad``; :func:`moe_lab.train.train`'s AdamW skips
+parameters without a gradient, so a frozen tensor stays bit-identical (weight decay included).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import fields, replace
+
+from torch import nn
+
+from .config import STRUCTURAL, MoEOptions
+from .hooks import TrainHook, TrainState
+from .layer import MoELayer
+
+GROUPS = ("moe", "non_moe", "router")
+"""Parameter group names (:func:`parameter_groups`); :func:`set_trainable` also accepts ``"all"``."""
+
+
+def moe_layers_of(model: nn.Module) -> list[MoELayer]:
+    """The :class:`moe_lab.MoELayer` modules of ``model`` in order."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
+    """``{group: {parameter name: parameter}}`` for the :data:`GROUPS` (names as in ``model.named_parameters()``,
+    in that order; ``router`` is a subset of ``moe``; ``moe`` and ``non_moe`` partition the parameters)."""
+    moe_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MoELayer))
+    router_prefixes = tuple(f"{prefix}router." for prefix in moe_prefixes)
+    groups: dict[str, dict[str, nn.Parameter]] = {name: {} for name in GROUPS}
+    for name, p in model.named_parameters():
+        groups["moe" if name.startswith(moe_prefixes) else "non_moe"][name] = p
+        if name.startswith(router_prefixes):
+            groups["router"][name] = p
+    return groups
+
+
+def _group_names(groups: str | Iterable[str]) -> list[str]:
+    names = [groups] if isinstance(groups, str) else list(groups)
+    allowed = ("all", *GROUPS)
+    bad = [g for g in names if g not in allowed]
+    if bad or not names:
+        raise ValueError(f"groups must name at least one of {allowed}, got {groups!r}")
+    return list(GROUPS) if "all" in names else names
+
+
+def set_trainable(model: nn.Module, groups: str | Iterable[str]) -> int:
+    """Train only the parameters in ``groups`` (a name or names from ``("all", "moe", "non_moe", "router")``):
+    set ``requires_grad`` True for them and False for every other parameter. Returns how many parameter
+    elements are trainable now (e.g. ``set_trainable(model, "non_moe")``: ST-MoE's recommended recipe)."""
+    chosen = parameter_groups(model)
+    train = {id(p) for g in _group_names(groups) for p in chosen[g].values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in train)
+    return count_parameters(model, trainable=True)
+
+
+def count_parameters(model: nn.Module, *, trainable: bool = False) -> int:
+    """Number of parameter elements of ``model`` (only those with ``requires_grad`` when ``trainable``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def configure_moe(model: nn.Module, **changes) -> None:
+    """Change options of every MoE layer of a built model in place, e.g. ``configure_moe(model,
+    expert_dropout=0.2)`` or ``configure_moe(model, capacity_factor=1.25, eval_capacity_factor=None)``
+    (:meth:`moe_lab.MoELayer.configure`: validated, weights untouched). ``model.cfg`` (if the model has one) is
+    updated to match. Options that add or remove weights (:data:`moe_lab.config.STRUCTURAL`) are rejected."""
+    allowed = sorted({f.name for f in fields(MoEOptions)} - set(STRUCTURAL))
+    unknown = sorted(set(changes) - set(allowed))
+    if unknown:
+        raise ValueError(f"options {unknown} cannot be changed on a built model; allowed: {allowed}")
+    layers = moe_layers_of(model)
+    if not layers:
+        raise ValueError(f"model has no MoE layers to configure (got a {type(model).__name__} without MoELayer)")
+    cfg = getattr(model, "cfg", None)
+    new_cfg = replace(cfg, **changes) if isinstance(cfg, MoEOptions) else None  # validates before any change
+    for layer in layers:
+        layer.configure(**changes)
+    if new_cfg is not None:
+        model.cfg = new_cfg
+
+
+class ConstantLR(TrainHook):
+    """A :class:`moe_lab.hooks.TrainHook` that replaces :func:`moe_lab.train.train`'s cosine decay by a constant
+    learning rate ``lr`` after ``warmup`` steps of linear warm-up (``lr * (step + 1) / warmup``), so that a run
+    read at any step is at the same point of its schedule (pass ``hooks=[ConstantLR(lr)]``; the ``lr`` given
+    to ``train`` is then ignored)."""
+
+    def __init__(self, lr: float, warmup: int = 0):
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+        self.lr, self.warmup = float(lr), warmup
+
+    def on_step_start(self, state: TrainState) -> None:
+        state.lr = self.lr * min(1.0, (state.step + 1) / self.warmup) if self.warmup else self.lr
+        for group in state.optimizer.param_groups:
+            group["lr"] = state.lr
