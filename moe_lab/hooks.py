@@ -130,8 +130,9 @@ def _check_schedule(term: str, schedule: Callable) -> None:
     try:
         signature.bind(0, 1)
     except TypeError as err:
+        name = getattr(schedule, "__name__", type(schedule).__name__)
         raise TypeError(f"{term} must be a number or a schedule called as {term}(step, steps) -> coefficient (e.g. "
-                        f"Decay(1e-2, 1e-3)), got {getattr(schedule, '__name__', schedule)!r}{signature}: {err}") from None
+                        f"Decay(1e-2, 1e-3)), got {name}{signature}: {err}") from None
 
 
 class LossWeightSchedule(TrainHook):

@@ -281,6 +281,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
 
     ``timeout`` bounds starting the workers and the call, each. Errors as :meth:`LocalCluster.run`.
     """
+    _importable_name(fn)  # before any process starts
     with LocalCluster(world_size, backend=backend, threads=threads, timeout=timeout) as cluster:
         return cluster.run(fn, *args)
 
