@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from .experts import _check_activation
 from .routing import check_k
-from .validation import check_bool, check_int, check_number, check_type, is_int
+from .validation import check_bool, check_choice, check_int, check_number, check_type
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5}
 ADAM_STATE_BYTES = 8  # Adam's first and second moments, fp32 each
@@ -328,17 +328,14 @@ def quantized_weight_bytes(num_params: int, bits: int, group_size: int = 128, sc
     ``scale_bytes`` scale per ``group_size`` weights: ``N*bits/8 + N/group_size*scale_bytes``; per-channel
     scales: ``group_size`` = the input width) or 16 / 32 (floats, no scales)."""
     check_number("num_params", num_params, 0)
-    _check_bits(bits)
+    check_choice("bits", bits, QUANT_BITS + FLOAT_BITS)
+    bits = int(bits)
     if bits in FLOAT_BITS:
         return num_params * bits / 8
     check_int("group_size", group_size, 1)
     check_number("scale_bytes", scale_bytes, 0)
     return num_params * bits / 8 + num_params / group_size * scale_bytes
 
-
-def _check_bits(bits: int) -> None:
-    if not is_int(bits) or bits not in QUANT_BITS + FLOAT_BITS:
-        raise ValueError(f"bits must be one of {QUANT_BITS + FLOAT_BITS}, got {bits!r}")
 
 
 def weight_memory(arch: Arch, bits: dict[str, int] | None = None, *, group_size: int = 128,
@@ -369,7 +366,7 @@ def decode_weight_bytes(arch: Arch, batch: int = 1, bits: int = 16) -> float:
     (:func:`expected_experts_touched`). Per generated token: divide by ``batch``."""
     c = count_params(arch).components
     check_int("batch", batch, 1)
-    _check_bits(bits)
+    check_choice("bits", bits, QUANT_BITS + FLOAT_BITS)
     read = sum(c[name][0] for name in ("attention", "dense_ffn", "router", "shared_experts", "norms", "lm_head"))
     # untied: batch rows of the input embedding; tied: the output projection reads the whole matrix
     read += c["embedding"][0] if arch.tie_embeddings else min(batch, arch.vocab_size) * arch.d_model

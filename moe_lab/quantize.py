@@ -131,8 +131,8 @@ def quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None, *,
     weight that is not finite, or a scale that ``scale_dtype`` cannot hold.
     """
     check_tensor("w", w, "[..., d_in, d_out]")
-    if w.dim() < 2 or not w.shape[-2] or not w.shape[-1]:
-        raise ValueError(f"w must have shape [..., d_in >= 1, d_out >= 1], got shape {tuple(w.shape)}")
+    if w.dim() < 2 or not w.shape[-2]:
+        raise ValueError(f"w must have shape [..., d_in >= 1, d_out], got shape {tuple(w.shape)}")
     *lead, d_in, d_out = w.shape
     _check_options(bits, scale_dtype)
     group = _check_group(group_size, d_in)

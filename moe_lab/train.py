@@ -19,7 +19,7 @@ from .data import get_batch
 from .hooks import TrainHook, TrainState
 from .metrics import max_violation_tensor
 from .model import LOSS_TERMS, MoETransformer
-from .validation import check_bool, check_int, check_number, check_tensor, check_type
+from .validation import check_bool, check_int, check_number, check_tensor, check_type, reads_values
 
 
 @dataclass
@@ -118,6 +118,10 @@ def _check_run(model: MoETransformer, data: torch.Tensor, batch_size: int, seq_l
         if tokens.numel() <= seq_len:
             raise ValueError(f"{name} must hold more than seq_len={seq_len} tokens (a window and its next token), "
                              f"got {tokens.numel()}")
+        vocab = model.cfg.vocab_size
+        if reads_values(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"{name} must hold token ids in 0..{vocab - 1} (the model's vocab_size={vocab}), got ids "
+                             f"from {int(tokens.min())} to {int(tokens.max())}")
 
 
 def _model_hooks(model: torch.nn.Module) -> list[TrainHook]:

@@ -55,9 +55,21 @@ def check_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def _is_choice(value: Any, choice: Any) -> bool:
+    """``value`` is ``choice``: equal, and of its kind (a bool for a bool, an integer for an integer: ``True`` is
+    not ``1`` and ``8.0`` is not ``8``)."""
+    if isinstance(value, torch.Tensor):
+        return False
+    if isinstance(choice, bool) or isinstance(value, bool):
+        return value is choice
+    if is_int(choice):
+        return is_int(value) and value == choice
+    return value == choice
+
+
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """``value`` is one of ``allowed`` (compared with ``==``, so ``True`` never passes for ``1``)."""
-    if isinstance(value, bool) and not any(a is value for a in allowed) or value not in allowed:
+    """``value`` is one of ``allowed`` (see :func:`_is_choice`)."""
+    if not any(_is_choice(value, choice) for choice in allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
