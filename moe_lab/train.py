@@ -166,8 +166,7 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
     for name, value, low in (("steps", steps, 1), ("warmup", warmup, 0), ("grad_accum", grad_accum, 1),
                              ("eval_every", eval_every, 0), ("seed", seed, 0)):
         check_int(name, value, low)
-    check_number("lr", lr, 0, low_open=True)
-    for name, value in (("weight_decay", weight_decay), ("grad_clip (0 = off)", grad_clip)):
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip (0 = off)", grad_clip)):
         check_number(name, value, 0)
     check_bool("progress", progress)
     check_type("hooks", hooks, Sequence, "a sequence of moe_lab.hooks.TrainHook objects")

@@ -451,7 +451,7 @@ def train_cases() -> list[Case]:
 
     cases = [Case(f"train: steps={v!r}" + (" (#23: a TypeError from range)" if v == 2.5 else ""),
                   lambda v=v: run(steps=v), error="steps") for v in (2.5, 0, "2", True, None)]
-    for name, values in (("batch_size", (0, 1.5)), ("seq_len", (0, "8")), ("lr", (0.0, NAN, -1.0, "3e-3")),
+    for name, values in (("batch_size", (0, 1.5)), ("seq_len", (0, "8")), ("lr", (NAN, -1.0, "3e-3")),
                          ("warmup", (-1, 2.5)), ("grad_accum", (0, 1.5)), ("grad_clip", (NAN, -1.0)),
                          ("weight_decay", (NAN,)), ("eval_every", (-1,)), ("seed", (2.5,)), ("progress", ("no",))):
         cases += [Case(f"train: {name}={v!r}", lambda name=name, v=v: run(**{name: v}), error=name) for v in values]
@@ -465,6 +465,9 @@ def train_cases() -> list[Case]:
               Case("evaluate: seq_len=0", lambda: evaluate(tiny(), TOKENS, batch_size=2, seq_len=0), error="seq_len"),
               Case("evaluate_load: batch_size 2.5", lambda: evaluate_load(tiny(), TOKENS, batch_size=2.5, seq_len=8),
                    error="batch_size"),
+              Case("train: lr=0 leaves the weights as they are (a measuring step)",
+                   lambda: (lambda m: (run(model=m, lr=0.0), m.embed.weight.detach())[1])(tiny()),
+                   expect=lambda: tiny().embed.weight.detach()),
               Case("evaluate: repeatable", lambda: evaluate(tiny(), TOKENS, batch_size=2, seq_len=8, batches=1),
                    expect=lambda: evaluate(tiny(), TOKENS, batch_size=2, seq_len=8, batches=1))]
     return cases
