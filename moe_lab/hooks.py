@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .validation import check_choice, check_number, check_type
+from .validation import check_choice, check_int, check_number, check_type
 
 if TYPE_CHECKING:
     from .model import LossOutput
@@ -112,6 +112,8 @@ class Decay:
         check_number("over", self.over, 0, 1, low_open=True)  # a fraction of the run
 
     def __call__(self, step: int, steps: int) -> float:
+        check_int("steps", steps, 1)
+        check_int("step", step, 0)  # past the run: the end value
         span = max(1.0, self.over * (steps - 1))
         t = min(1.0, step / span)
         if self.shape == "exponential":

@@ -336,6 +336,7 @@ class MoETransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_type("cfg", cfg, ModelConfig, "a moe_lab.model.ModelConfig (e.g. toy_config('mixtral'))")
         self.cfg = cfg
         self.loss_weights = cfg.loss_weights()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)

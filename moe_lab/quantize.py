@@ -109,7 +109,9 @@ class QuantizedTensor:
         return self.data if self.bits == 8 else _unpack4(self.data, *self.shape[-2:])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``scale * codes`` as a ``shape`` tensor in ``dtype``."""
+        """``scale * codes`` as a ``shape`` tensor in ``dtype`` (a floating-point dtype)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         *lead, d_in, d_out = self.shape
         grouped = self.codes().reshape(*lead, d_in // self.group_size, self.group_size, d_out)
         return (grouped.to(torch.float32) * self.scale.to(torch.float32)).reshape(self.shape).to(dtype)

@@ -35,7 +35,7 @@ from dataclasses import fields, replace
 import torch
 
 from .config import MoEConfig, MoEOptions
-from .validation import check_bool, check_int, check_number, check_type
+from .validation import check_bool, check_int, check_number, check_tensor, check_type
 from .experts import FFN, Experts
 from .finetune import moe_layers_of
 from .hooks import TrainHook, TrainState
@@ -78,7 +78,10 @@ def upcycled_expert_weights(w1: torch.Tensor, w3: torch.Tensor | None, w2: torch
         ``(w1 [E, d_model, d_ff / g], w3 [E, d_model, d_ff / g] or None, w2 [E, d_ff / g, d_model])``; expert
         ``e`` holds hidden units ``[j * d_ff / g, (j + 1) * d_ff / g)`` with ``j = e % g``.
     """
-    if w1.dim() != 2 or w2.dim() != 2 or w2.shape != w1.shape[::-1] or (w3 is not None and w3.shape != w1.shape):
+    for name, w in (("w1", w1), ("w2", w2)) + ((("w3", w3),) if w3 is not None else ()):
+        check_tensor(name, w, "[d_model, d_ff]" if name != "w2" else "[d_ff, d_model]", 2)
+    check_number("scale", scale, 0, low_open=True)
+    if w2.shape != w1.shape[::-1] or (w3 is not None and w3.shape != w1.shape):
         raise ValueError(f"w1, w3 must be [d_model, d_ff] and w2 [d_ff, d_model], got w1 {tuple(w1.shape)}, "
                          f"w3 {None if w3 is None else tuple(w3.shape)}, w2 {tuple(w2.shape)}")
     check_granularity(num_experts, granularity, d_ff=w1.shape[1])
@@ -107,6 +110,8 @@ def upcycled_router_weight(num_experts: int, d_model: int, granularity: int = 1,
 def expert_scale(config: MoEOptions, granularity: int = 1) -> float:
     """The factor on each expert's ``w2`` that keeps an upcycled layer equal to the dense FFN:
     ``granularity / routed_scaling_factor``."""
+    check_type("config", config, MoEOptions, "a moe_lab.config.MoEOptions (a MoEConfig or ModelConfig)")
+    check_int("granularity", granularity, 1)
     return granularity / config.routed_scaling_factor
 
 

@@ -33,8 +33,8 @@ from moe_lab.specialisation import (RoutingSnapshots, class_expert_counts, class
 from moe_lab.stability import expert_utilisation, float_formats, routing_flips, spacing, switch_init_, topk_flips
 from moe_lab.timing import StepRecord, StepTimer
 from moe_lab.train import evaluate, evaluate_load, train
-from moe_lab.upcycle import (expert_distance, mean_pairwise_distance, upcycle, upcycle_ffn, upcycled_router_weight,
-                             why_not_exact)
+from moe_lab.upcycle import (expert_distance, expert_scale, mean_pairwise_distance, upcycle, upcycle_ffn,
+                             upcycled_expert_weights, upcycled_router_weight, why_not_exact)
 from tests.bad_input_cases import Case, bad_ints, bad_positive_numbers, naive_sigmoid_topk, with_value
 
 NAN, INF = math.nan, math.inf
@@ -125,7 +125,10 @@ def quantize_cases() -> list[Case]:
                    expect=lambda: quantize(W, 4, 4).dequantize()),
               Case(f"{q}: float64 w", lambda: quantize(W.double(), 8).dequantize(), expect=lambda: quantize(W, 8).dequantize()),
               Case(f"{q}: bfloat16 w", lambda: quantize(W.bfloat16(), 8).dequantize(),
-                   expect=lambda: quantize(W.bfloat16().float(), 8).dequantize())]
+                   expect=lambda: quantize(W.bfloat16().float(), 8).dequantize()),
+              Case("QuantizedTensor.dequantize: dtype int64", lambda: quantize(W).dequantize(torch.int64), error="dtype"),
+              Case("QuantizedTensor.dequantize: float64", lambda: quantize(W).dequantize(torch.float64),
+                   expect=lambda: quantize(W).dequantize().double())]
     experts = Experts(4, 16, 24)
     cases += [Case("QuantizedExperts: experts an FFN", lambda: QuantizedExperts(FFN(16, 24)), error="experts"),
               Case("QuantizedExperts: experts a tensor", lambda: QuantizedExperts(experts.w1), error="experts"),
@@ -189,6 +192,13 @@ def upcycle_cases() -> list[Case]:
               Case("upcycle_ffn: activation given", lambda: upcycle_ffn(FFN(16, 32), 4, activation="gelu"),
                    error="activation"),
               Case("upcycled_router_weight: std=inf", lambda: upcycled_router_weight(4, 16, std=INF), error="std"),
+              Case("upcycled_expert_weights: w1 a list", lambda: upcycled_expert_weights([[0.0]], None, torch.ones(1, 1), 2),
+                   error="w1"),
+              Case("upcycled_expert_weights: scale NaN", lambda: upcycled_expert_weights(
+                  torch.ones(2, 4), None, torch.ones(4, 2), 2, scale=NAN), error="scale"),
+              Case("expert_scale: config None", lambda: expert_scale(None), error="config"),
+              Case("expert_scale: granularity 0", lambda: expert_scale(MoEConfig(d_model=4, d_ff=4, num_experts=2), 0),
+                   error="granularity"),
               Case("upcycled_router_weight: d_model=0", lambda: upcycled_router_weight(4, 0), error="d_model")]
     cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4, k=2)
     w = "why_not_exact"
@@ -380,6 +390,9 @@ def generate_cases() -> list[Case]:
               Case(f"{g}: int32 idx", lambda: model.generate(IDX.int(), 3), expect=lambda: model.generate(IDX, 3)),
               Case(f"{g}: cached = recomputed (dropless, eval)", lambda: model.generate(IDX, 4),
                    expect=lambda: model.generate(IDX, 4, use_cache=False))]
+    cases += [Case("MoETransformer: cfg a dict", lambda: MoETransformer({"d_model": 16}), error="cfg"),
+              Case("MoETransformer: cfg an MoEConfig", lambda: MoETransformer(MoEConfig(d_model=16, d_ff=32, num_experts=4)),
+                   error="cfg")]
     mc = "ModelConfig"
     base = dict(vocab_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
     cases += [Case(f"{mc}: {what}" + (" (#23: generate raised IndexError)" if what == "n_layers 0" else ""),
@@ -419,6 +432,9 @@ def hooks_cases() -> list[Case]:
         ("end -1 (linear)", dict(end=-1.0, shape="linear"), "end"), ("shape 'step'", dict(shape="step"), "shape"),
         ("over 0", dict(over=0.0), "over"), ("over 1.5", dict(over=1.5), "over"), ("over NaN", dict(over=NAN), "over"),
         ("start '0.01'", dict(start="0.01"), "start"))]
+    cases += [Case("Decay: step -1", lambda: Decay(1.0, 0.1)(-1, 10), error="step"),
+              Case("Decay: steps 0", lambda: Decay(1.0, 0.1)(0, 0), error="steps"),
+              Case("Decay: past the run, the end value", lambda: Decay(1.0, 0.5, "linear")(20, 10), expect=lambda: 0.5)]
     cases += [Case("Decay: the end value at the last step", lambda: Decay(1.0, 0.1)(9, 10), expect=lambda: 0.1 ** 1.0),
               Case("Decay: linear to 0", lambda: Decay(1.0, 0.0, "linear")(5, 11), expect=lambda: 0.5)]
     lw = "LossWeightSchedule"
