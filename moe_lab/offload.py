@@ -143,18 +143,19 @@ class ExpertCache:
 
 def simulate_cache(steps: Sequence[Sequence[int]], num_experts: int, capacity: int, policy: Policy = "lru",
                    guesses: Sequence[Sequence[int]] | None = None) -> CacheStats:
-    """Replay one layer's routing: ``steps[t]`` the experts step ``t`` needs; with ``guesses``, ``guesses[t]``
-    (most likely first) is prefetched just before step ``t``. -> the cache's :class:`CacheStats`."""
-    check_type("steps", steps, Sequence, "a sequence of steps, each a sequence of expert ids")
+    """Replay one layer's routing: ``steps[t]`` the experts step ``t`` needs (a list of id lists, or a ``[T, k]``
+    integer tensor); with ``guesses``, ``guesses[t]`` (most likely first) is prefetched just before step ``t``.
+    -> the cache's :class:`CacheStats`."""
+    check_type("steps", steps, (Sequence, torch.Tensor), "a sequence of steps, each a sequence of expert ids")
     if guesses is not None:
-        check_type("guesses", guesses, Sequence, "None or a sequence with one list of guessed ids per step")
+        check_type("guesses", guesses, (Sequence, torch.Tensor), "None or a sequence with the guessed ids of each step")
         if len(guesses) != len(steps):
             raise ValueError(f"guesses must have one entry per step ({len(steps)}), got {len(guesses)}")
     cache = ExpertCache(num_experts, capacity, policy)
     for t, needed in enumerate(steps):
         if guesses is not None:
-            cache.prefetch(guesses[t])
-        cache.step(needed)
+            cache.prefetch(check_ids(f"guesses[{t}]", guesses[t], cache.num_experts))
+        cache.step(check_ids(f"steps[{t}]", needed, cache.num_experts))
     return cache.stats
 
 

@@ -278,7 +278,11 @@ def offload_cases() -> list[Case]:
                    error="guesses"),
               Case("simulate_cache: capacity 0", lambda: simulate_cache([[1]], 4, 0), error="capacity"),
               Case("simulate_cache: hits of a repeated step", lambda: simulate_cache([[1, 2], [1, 2]], 4, 2).hits,
-                   expect=lambda: 2)]
+                   expect=lambda: 2),
+              Case("simulate_cache: steps a [T, k] tensor", lambda: simulate_cache(torch.tensor([[1, 2], [2, 1]]), 4, 2),
+                   expect=lambda: simulate_cache([[1, 2], [2, 1]], 4, 2)),
+              Case("simulate_cache: float steps", lambda: simulate_cache(torch.tensor([[1.0, 2.0]]), 4, 2), error="steps"),
+              Case("simulate_cache: a guess out of range", lambda: simulate_cache([[1]], 4, 2, guesses=[[4]]), error="guesses")]
     layer = MoELayer(16, 32, 4, 2)
     cases += [Case("guess_experts: layer None", lambda: guess_experts(None, torch.randn(3, 16)), error="layer"),
               Case("guess_experts: h of width 15", lambda: guess_experts(layer, torch.randn(3, 15)), error="h"),
