@@ -5,11 +5,12 @@ into groups of ``group_size`` rows (``None``: one group, i.e. per output channel
 column gets one scale ``s = max|w| / q_max`` with ``q_max = 2^(bits-1) - 1`` (127 for int8, 7 for int4), and
 the codes are ``q = clamp(round(w / s), -q_max, q_max)``; ``w ~ s * q``. Rounding is to the nearest code with the
 *stored* scale, so ``|w - s q| <= s / 2`` for every weight, and the stored scale is ``max|w| / q_max`` up to the
-rounding of its dtype (relative ``2^-11`` in float16, ``2^-24`` in float32): the error is at most
-``max|w| / (2 q_max)`` of the weight's group, times ``1 + 2^-10`` at most, at every magnitude. ``scale_dtype``: None
-(default) stores float16 scales, as GPTQ / AWQ / HQQ do, when every non-zero scale of the tensor is a normal
-float16 number (``6.1e-5 <= s <= 65504``: about ``|w| >= 7.8e-3`` for int8, ``4.3e-4`` for int4) and float32 scales
-otherwise; a dtype given explicitly is used, and a scale it cannot hold as a normal number raises a ``ValueError``.
+rounding of its dtype (relative ``2^-11`` in float16, ``2^-8`` in bfloat16, ``2^-24`` in float32): the error is at
+most ``max|w| / (2 q_max)`` of the weight's group times ``1 + 2^-10`` (float16 or float32 scales; ``1 + 2^-8`` with
+bfloat16), at every magnitude. ``scale_dtype``: None (default) stores float16 scales, as GPTQ / AWQ / HQQ do, when
+every non-zero scale of the tensor is a normal float16 number (``6.1e-5 <= s <= 65504``: about ``|w| >= 7.8e-3``
+for int8, ``4.3e-4`` for int4) and float32 scales otherwise; a dtype given explicitly is used, and a scale it
+cannot hold as a normal number raises a ``ValueError``.
 (A scale below float32's smallest normal, ``|w| < 1e-36``, is stored as that number: the error stays below
 ``6e-39``.) int4 codes are packed two per byte.
 
@@ -55,7 +56,7 @@ def _check_group(group_size: int | None, d_in: int) -> int:
 
 
 def _scale_dtype(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype that stores the float32 ``scale`` (see the module docstring): ``scale_dtype``, or with None
+    """The dtype that stores the exact scales ``scale`` (see the module docstring): ``scale_dtype``, or with None
     float16 if it holds every non-zero scale as a normal number, else float32."""
     nonzero = scale[scale > 0]
     if not nonzero.numel():
