@@ -101,7 +101,8 @@ def quantize_cases() -> list[Case]:
     q = "quantize"
     cases = [Case(f"{q}: w {what}", lambda v=v: quantize(v), error="w") for what, v in (
         ("a list", W.tolist()), ("1-D", W[0]), ("int64", W.long()), ("bool", W.bool()), ("complex", W.to(torch.complex64)),
-        ("holding NaN", with_value(W, NAN)), ("holding inf", with_value(W, INF)), ("float64 1e39", with_value(W.double(), 1e39)),
+        ("holding NaN", with_value(W, NAN)), ("holding inf", with_value(W, INF)),
+        ("float64 1e39", with_value(W.double(), 1e39)),
         ("[0, 4] (#23: ZeroDivisionError)", torch.zeros(0, 4)))]
     cases += [Case(f"{q}: bits={v!r}", lambda v=v: quantize(W, v), error="bits") for v in (3, 16, True, "8", 8.0, None)]
     cases += [Case(f"{q}: group_size={v!r}", lambda v=v: quantize(W, 4, v), error="group_size")
@@ -379,7 +380,8 @@ def generate_cases() -> list[Case]:
               Case("MoETransformer.new_cache: max_len=0", lambda: model.new_cache(2, 0), error="max_len")]
     g = "MoETransformer.generate"
     cases += [Case(f"{g}: top_k={v!r}" + (" (#23)" if v is True else ""),
-                   lambda v=v: model.generate(IDX, 2, temperature=1.0, top_k=v), error="top_k") for v in (True, 0, 17, 2.5, "2")]
+                   lambda v=v: model.generate(IDX, 2, temperature=1.0, top_k=v), error="top_k")
+              for v in (True, 0, 17, 2.5, "2")]
     cases += [Case(f"{g}: top_k=True greedy (#23: ignored)", lambda: model.generate(IDX, 2, top_k=True), error="top_k")]
     cases += [Case(f"{g}: temperature={v!r}", lambda v=v: model.generate(IDX, 2, temperature=v), error="temperature")
               for v in (-1.0, NAN, INF, "1", None)]
@@ -431,7 +433,8 @@ def bias_balancing_cases() -> list[Case]:
 
 
 def hooks_cases() -> list[Case]:
-    cases = [Case(f"Decay: {what}", lambda kw=kw: Decay(**{**dict(start=1e-2, end=1e-3), **kw}), error=err) for what, kw, err in (
+    good = dict(start=1e-2, end=1e-3)
+    cases = [Case(f"Decay: {what}", lambda kw=kw: Decay(**{**good, **kw}), error=err) for what, kw, err in (
         ("start 0 (exponential)", dict(start=0.0), "start"), ("end NaN", dict(end=NAN), "end"),
         ("end -1 (linear)", dict(end=-1.0, shape="linear"), "end"), ("shape 'step'", dict(shape="step"), "shape"),
         ("over 0", dict(over=0.0), "over"), ("over 1.5", dict(over=1.5), "over"), ("over NaN", dict(over=NAN), "over"),
@@ -481,7 +484,8 @@ def train_cases() -> list[Case]:
         ("data shorter than a window", dict(data=TOKENS[:8]), "data"), ("data a list", dict(data=TOKENS.tolist()), "data"),
         ("model None", dict(model=None), "model"), ("val_data float", dict(val_data=TOKENS.float(), eval_every=1), "val_data"),
         ("a token id outside the vocabulary", dict(data=with_value(TOKENS, 99)), "data"))]
-    cases += [Case("evaluate: batches=0", lambda: evaluate(tiny(), TOKENS, batch_size=2, seq_len=8, batches=0), error="batches"),
+    cases += [Case("evaluate: batches=0", lambda: evaluate(tiny(), TOKENS, batch_size=2, seq_len=8, batches=0),
+                   error="batches"),
               Case("evaluate: seq_len=0", lambda: evaluate(tiny(), TOKENS, batch_size=2, seq_len=0), error="seq_len"),
               Case("evaluate_load: batch_size 2.5", lambda: evaluate_load(tiny(), TOKENS, batch_size=2.5, seq_len=8),
                    error="batch_size"),
@@ -508,9 +512,11 @@ def stability_cases() -> list[Case]:
     eu = "expert_utilisation"
     cases += [Case(f"{eu}: tokens_per_expert {what}", lambda v=v: expert_utilisation(v), error="tokens_per_expert")
               for what, v in (
-        ("[-5, 10, 0, 0] (#23: -0.75)", torch.tensor([-5.0, 10, 0, 0])), ("holding NaN (#23: NaN)", torch.tensor([NAN, 10, 0, 0])),
+        ("[-5, 10, 0, 0] (#23: -0.75)", torch.tensor([-5.0, 10, 0, 0])),
+        ("holding NaN (#23: NaN)", torch.tensor([NAN, 10, 0, 0])),
         ("holding inf", torch.tensor([INF, 1, 0, 0])), ("a list", [3, 1, 0, 8]), ("0-D", torch.tensor(3.0)),
-        ("[2, 0]", torch.zeros(2, 0)), ("bool", torch.ones(4, dtype=torch.bool)), ("complex", torch.ones(4, dtype=torch.complex64)))]
+        ("[2, 0]", torch.zeros(2, 0)), ("bool", torch.ones(4, dtype=torch.bool)),
+        ("complex", torch.ones(4, dtype=torch.complex64)))]
     cases += [Case(f"{eu}: int64 load", lambda: expert_utilisation(torch.tensor([3, 1, 0, 8])),
                    expect=lambda: torch.tensor(slow_utilisation([3, 1, 0, 8]))),
               Case(f"{eu}: rows", lambda: expert_utilisation(torch.tensor([[3.0, 1, 0, 8], [0, 0, 0, 0]])),
@@ -521,12 +527,14 @@ def stability_cases() -> list[Case]:
         ("x 3-D (#23: named logits)", (x.view(2, 3, 8), w, 2), "x"),
         ("x of width 7 (#23: a matmul error)", (x[:, :7], w, 2), "x"),
         ("no tokens (#23: named logits)", (x[:0], w, 2), "x"),
-        ("x holding NaN", (with_value(x, NAN), w, 2), "x"), ("int64 x", (x.long(), w, 2), "x"), ("weight 1-D", (x, w[0], 2), "weight"),
-        ("dtype float64", (x, w, 2, torch.float64), "dtype"), ("k 0", (x, w, 0), "k"), ("offset NaN", (x, w, 2, torch.bfloat16, NAN), "offset"),
+        ("x holding NaN", (with_value(x, NAN), w, 2), "x"), ("int64 x", (x.long(), w, 2), "x"),
+        ("weight 1-D", (x, w[0], 2), "weight"), ("dtype float64", (x, w, 2, torch.float64), "dtype"), ("k 0", (x, w, 0), "k"),
+        ("offset NaN", (x, w, 2, torch.bfloat16, NAN), "offset"),
         ("offset beyond float16", (x, w, 2, torch.float16, 1e5), "offset"))]
     cases += [Case(f"{rf}: float32 routes like float32", lambda: routing_flips(x, w, 2, torch.float32).flip_rate,
                    expect=lambda: 0.0)]
-    cases += [Case(f"spacing: value={v!r}", lambda v=v: spacing(v, torch.bfloat16), error="value") for v in ("1.0", None, NAN, INF)]
+    cases += [Case(f"spacing: value={v!r}", lambda v=v: spacing(v, torch.bfloat16), error="value")
+              for v in ("1.0", None, NAN, INF)]
     cases += [Case("spacing: a NumPy value", lambda: spacing(np.float64(2.0), torch.bfloat16), expect=lambda: 0.015625),
               Case("float_formats: one dtype, not a tuple", lambda: float_formats(torch.float16), error="dtypes"),
               Case("float_formats: float64", lambda: float_formats((torch.float64,)), error="dtype"),
@@ -557,7 +565,8 @@ def specialisation_cases() -> list[Case]:
               Case("token_classes: float", lambda: token_classes(torch.tensor([97.0])), error="tokens"),
               Case("token_classes: 2-D", lambda: token_classes(torch.tensor([[97]])), error="tokens"),
               Case("token_classes: 256", lambda: token_classes(torch.tensor([256])), error="tokens"),
-              Case("token_classes: 'if x'", lambda: token_classes(torch.tensor(list(b"if x"))), expect=lambda: torch.tensor([4, 4, 2, 0])),
+              Case("token_classes: 'if x'", lambda: token_classes(torch.tensor(list(b"if x"))),
+                   expect=lambda: torch.tensor([4, 4, 2, 0])),
               Case("router_saturation: float experts", lambda: router_saturation(ROUTED.float(), ROUTED), error="experts"),
               Case("router_saturation: final [5, 2]", lambda: router_saturation(ROUTED, ROUTED[:5]), error="final"),
               Case("router_saturation: order ignored", lambda: router_saturation(ROUTED, ROUTED.flip(1)), expect=lambda: 1.0)]
@@ -621,7 +630,8 @@ def cost_model_cases() -> list[Case]:
     rsb = "rank_state_bytes"
     cases += [Case(f"{rsb}: {what}", lambda a=a, kw=kw: rank_state_bytes(*a, **kw), error=err) for what, a, kw, err in (
         ("replicated_params -100 (#23: 0 bytes)", (-100, 0, 4, 4), {}, "replicated_params"),
-        ("replicated_params NaN", (NAN, 0, 4, 4), {}, "replicated_params"), ("expert_params -1", (0, -1, 4, 4), {}, "expert_params"),
+        ("replicated_params NaN", (NAN, 0, 4, 4), {}, "replicated_params"),
+        ("expert_params -1", (0, -1, 4, 4), {}, "expert_params"),
         ("ep_size 3 of 4", (10, 10, 4, 3), {}, "ep_size"), ("ep_size 8 > 4", (10, 10, 4, 8), {}, "ep_size"),
         ("ep_size 2.0", (10, 10, 4, 2.0), {}, "ep_size"), ("zero 'yes'", (10, 10, 4, 2), dict(zero="yes"), "zero"),
         ("dtype 'fp64'", (10, 10, 4, 2), dict(dtype="fp64"), "dtype"))]
@@ -640,7 +650,8 @@ def calculator_inference_cases() -> list[Case]:
     cases = [Case(f"{q}: num_params={v!r}" + (" (#23: NaN)" if v is NAN else ""), lambda v=v: quantized_weight_bytes(v, 8),
                   error="num_params") for v in (NAN, -1, "10", INF, None)]
     cases += [Case(f"{q}: bits={v!r}", lambda v=v: quantized_weight_bytes(10, v), error="bits") for v in (3, True, 8.0, "8")]
-    cases += [Case(f"{q}: group_size={v!r}", lambda v=v: quantized_weight_bytes(10, 4, v), error="group_size") for v in (0, 2.5)]
+    cases += [Case(f"{q}: group_size={v!r}", lambda v=v: quantized_weight_bytes(10, 4, v), error="group_size")
+              for v in (0, 2.5)]
     cases += [Case(f"{q}: scale_bytes={v!r}", lambda v=v: quantized_weight_bytes(10, 4, 2, v), error="scale_bytes")
               for v in (NAN, -1.0)]
     cases += [Case(f"{q}: int4, group 2", lambda: quantized_weight_bytes(10, 4, 2), expect=lambda: 5.0 + 5 * 2.0),
@@ -648,7 +659,8 @@ def calculator_inference_cases() -> list[Case]:
               Case(f"{q}: NumPy bits", lambda: quantized_weight_bytes(10, np.int64(8), 10), expect=lambda: 12.0)]
     arch = Arch(n_layers=1, d_model=8, n_heads=2, vocab_size=10, d_ff=16)
     cases += [Case("weight_memory: bits a list", lambda: weight_memory(arch, [4]), error="bits"),
-              Case("weight_memory: group_size 0", lambda: weight_memory(arch, {"attention": 4}, group_size=0), error="group_size"),
+              Case("weight_memory: group_size 0", lambda: weight_memory(arch, {"attention": 4}, group_size=0),
+                   error="group_size"),
               Case("weight_memory: scale_bytes NaN", lambda: weight_memory(arch, scale_bytes=NAN), error="scale_bytes"),
               Case("weight_memory: arch None", lambda: weight_memory(None), error="arch"),
               Case("decode_weight_bytes: batch 2.5", lambda: decode_weight_bytes(arch, 2.5), error="batch"),
@@ -690,7 +702,8 @@ def launch_cases() -> list[Case]:
     cases = bad_ints("LocalCluster", "world_size", lambda v: LocalCluster(v), 2)
     cases += [Case(f"LocalCluster: timeout={v!r}" + (" (#23: '>' not supported)" if v == "5" else ""),
                    lambda v=v: LocalCluster(1, timeout=v), error="timeout") for v in ("5", 0, -1.0, NAN, None)]
-    cases += [Case(f"LocalCluster: threads={v!r}", lambda v=v: LocalCluster(1, threads=v), error="threads") for v in (0, 1.5, True)]
+    cases += [Case(f"LocalCluster: threads={v!r}", lambda v=v: LocalCluster(1, threads=v), error="threads")
+              for v in (0, 1.5, True)]
     cases += [Case("LocalCluster: backend 'mpi'", lambda: LocalCluster(1, backend="mpi"), error="backend"),
               Case("run_local: world_size 0", lambda: run_local(math.sqrt, 0), error="world_size"),
               Case("run_local: a lambda (before any process starts)", lambda: run_local(lambda: 1, 1), error="fn")]
@@ -704,21 +717,32 @@ def config_cases() -> list[Case]:
                   lambda: MoEConfig(d_model=8, d_ff=16, d_shared=6, num_experts=4, k=2).fine_grained(4), error="d_shared"),
              Case(f"{fg}: d_ff 6, granularity 4", lambda: MoEConfig(d_model=8, d_ff=6, num_experts=4, k=2).fine_grained(4),
                   error="d_ff")]
-    cases += [Case(f"{fg}: granularity={v!r}", lambda v=v: cfg.fine_grained(v), error="granularity") for v in (0, 2.5, "2", True)]
+    cases += [Case(f"{fg}: granularity={v!r}", lambda v=v: cfg.fine_grained(v), error="granularity")
+              for v in (0, 2.5, "2", True)]
     cases += [Case(f"{fg}: granularity 2", lambda: (lambda c: (c.num_experts, c.k, c.d_ff))(cfg.fine_grained(2)),
                    expect=lambda: (8, 4, 8)),
               Case("fine_grained: granularity 4 of d_ff 6", lambda: fine_grained(4, 2, 6, 4), error="d_ff")]
     cases += [Case(f"MoEConfig: {name}=True", lambda name=name: MoEConfig(d_model=8, d_ff=16, num_experts=4, **{name: True}),
                    error=name) for name in ("activation", "score_func", "drop_policy", "dispatch", "router")]
-    cases += [Case("sigmoid_topk: k=1 keeps s_i (the course's convention)", lambda: sigmoid_topk(torch.tensor([[0.3, -1.0]]), 1)[1],
-                   expect=lambda: naive_sigmoid_topk(torch.tensor([[0.3, -1.0]]), 1)[1]),
-              Case("sigmoid_topk: k=1, renormalize_single (DeepSeek-V3's official gate)",
-                   lambda: sigmoid_topk(torch.tensor([[0.3, -1.0]]), 1, renormalize_single=True, routed_scaling_factor=2.5)[1],
-                   expect=lambda: torch.tensor([[2.5]])),
-              Case("sigmoid_topk: renormalize_single='yes'", lambda: sigmoid_topk(torch.tensor([[0.3, -1.0]]), 1,
-                                                                                  renormalize_single="yes"),
-                   error="renormalize_single")]
     return cases
+
+
+def sigmoid_k1_cases() -> list[Case]:
+    """Issue 23: at k = 1 the course keeps the gate s_i; DeepSeek-V3's official gate normalises (the scale itself)."""
+    logits, one = torch.randn(5, 4, generator=_gen(9)), torch.tensor([[0.3, -1.0]])
+    s = "sigmoid_topk"
+    return [Case(f"{s}: k=1 keeps s_i (the course's convention)", lambda: sigmoid_topk(one, 1)[1],
+                 expect=lambda: naive_sigmoid_topk(one, 1)[1]),
+            Case(f"{s}: k=1, renormalize_single (DeepSeek-V3's official gate)",
+                 lambda: sigmoid_topk(one, 1, renormalize_single=True, routed_scaling_factor=2.5)[1],
+                 expect=lambda: torch.tensor([[2.5]])),
+            Case(f"{s}: renormalize_single='yes'", lambda: sigmoid_topk(one, 1, renormalize_single="yes"),
+                 error="renormalize_single"),
+            Case(f"{s}: renormalize_single changes nothing at k=2", lambda: sigmoid_topk(logits, 2, renormalize_single=True),
+                 expect=lambda: naive_sigmoid_topk(logits, 2)),
+            Case(f"{s}: renormalize_single without renormalize keeps s_i",
+                 lambda: sigmoid_topk(logits, 1, renormalize=False, renormalize_single=True)[1],
+                 expect=lambda: naive_sigmoid_topk(logits, 1)[1])]
 
 
 NEWER = {"quantize": quantize_cases, "upcycle": upcycle_cases, "finetune": finetune_cases, "offload": offload_cases,
@@ -726,5 +750,5 @@ NEWER = {"quantize": quantize_cases, "upcycle": upcycle_cases, "finetune": finet
          "bias_balancing": bias_balancing_cases, "hooks": hooks_cases, "train": train_cases,
          "stability": stability_cases, "specialisation": specialisation_cases, "cost_model": cost_model_cases,
          "calculator (inference)": calculator_inference_cases, "timing": timing_cases, "launch": launch_cases,
-         "config": config_cases}
+         "config": config_cases, "routing (sigmoid_topk at k = 1)": sigmoid_k1_cases}
 """Sections of the catalogue for the newer modules: ``{module: builder of its cases}``."""
