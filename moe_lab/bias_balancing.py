@@ -24,7 +24,8 @@ from .hooks import TrainHook, TrainState
 from .layer import MoELayer
 from .losses import bias_update
 from .metrics import max_violation_tensor, tokens_per_expert
-from .routing import sigmoid_topk, softmax_topk
+from .routing import check_k, sigmoid_topk, softmax_topk
+from .validation import check_bool, check_choice, check_int, check_number, check_type
 
 
 class BiasBalancer(TrainHook):
@@ -38,6 +39,7 @@ class BiasBalancer(TrainHook):
     """
 
     def __init__(self, model: nn.Module, *, group: dist.ProcessGroup | None = None):
+        check_type("model", model, nn.Module, "a torch.nn.Module with MoE layers (e.g. a moe_lab.MoETransformer)")
         self.layers = [m for m in model.modules()
                        if isinstance(m, MoELayer) and m.expert_bias is not None and m.config.bias_update_rate > 0]
         self.group = group
@@ -61,6 +63,7 @@ class BiasBalancer(TrainHook):
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Run :meth:`update` after every ``optimizer.step()`` (a step post-hook); returns its handle."""
+        check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer")
         return optimizer.register_step_post_hook(lambda *_: self.update())
 
     def on_train_start(self, state: TrainState) -> None:
@@ -99,11 +102,15 @@ def simulate_bias_balancing(*, num_experts: int = 16, k: int = 2, tokens: int = 
     Deterministic for a given ``seed``. A small ``rate`` balances slowly; a large one overshoots and the loads
     oscillate around the mean.
     """
-    if score_func not in ("sigmoid", "softmax"):
-        raise ValueError(f"score_func must be one of ('sigmoid', 'softmax'), got {score_func!r}")
+    check_choice("score_func", score_func, ("sigmoid", "softmax"))
+    check_int("num_experts", num_experts, 1)
+    check_k(k, num_experts)
     for name, value in (("tokens", tokens), ("steps", steps)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, 1)
+    for name, value in (("rate", rate), ("skew", skew), ("noise", noise)):
+        check_number(name, value, 0)
+    check_bool("centered", centered)
+    check_int("seed", seed, 0)
     gen = torch.Generator().manual_seed(seed)
     offsets = skew * torch.randn(num_experts, generator=gen)
     bias = torch.zeros(num_experts)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from .experts import _check_activation
 from .routing import check_k
-from .validation import check_bool, check_int, check_number
+from .validation import check_bool, check_choice, check_int, check_number, check_type
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5}
 ADAM_STATE_BYTES = 8  # Adam's first and second moments, fp32 each
@@ -225,8 +225,7 @@ class ParamCount:
 
 
 def _check_arch(arch: Arch) -> None:
-    if not isinstance(arch, Arch):
-        raise TypeError(f"arch must be a moe_lab.calculator.Arch, got {type(arch).__name__}")
+    check_type("arch", arch, Arch, "a moe_lab.calculator.Arch")
 
 
 def count_params(arch: Arch) -> ParamCount:
@@ -328,15 +327,15 @@ def quantized_weight_bytes(num_params: int, bits: int, group_size: int = 128, sc
     """Bytes of ``num_params`` weights at ``bits`` per weight: 4 / 8 (weight-only quantization with one
     ``scale_bytes`` scale per ``group_size`` weights: ``N*bits/8 + N/group_size*scale_bytes``; per-channel
     scales: ``group_size`` = the input width) or 16 / 32 (floats, no scales)."""
-    if num_params < 0:
-        raise ValueError(f"num_params must be >= 0, got {num_params}")
+    check_number("num_params", num_params, 0)
+    check_choice("bits", bits, QUANT_BITS + FLOAT_BITS)
+    bits = int(bits)
     if bits in FLOAT_BITS:
         return num_params * bits / 8
-    if bits not in QUANT_BITS:
-        raise ValueError(f"bits must be one of {QUANT_BITS + FLOAT_BITS}, got {bits!r}")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
+    check_int("group_size", group_size, 1)
+    check_number("scale_bytes", scale_bytes, 0)
     return num_params * bits / 8 + num_params / group_size * scale_bytes
+
 
 
 def weight_memory(arch: Arch, bits: dict[str, int] | None = None, *, group_size: int = 128,
@@ -344,8 +343,12 @@ def weight_memory(arch: Arch, bits: dict[str, int] | None = None, *, group_size:
     """Bytes of ``arch``'s weights with ``bits[component]`` bits per weight for the components of
     :func:`count_params` (``routed_experts``, ``attention``, ...; others: 16, i.e. bf16), quantized ones with
     :func:`quantized_weight_bytes`. E.g. ``{"routed_experts": 4, "shared_experts": 4, "attention": 8}``."""
-    bits = dict(bits or {})
     components = count_params(arch).components
+    if bits is not None:
+        check_type("bits", bits, dict, "None or a dict {component: bits}")
+    bits = dict(bits or {})
+    check_int("group_size", group_size, 1)
+    check_number("scale_bytes", scale_bytes, 0)
     unknown = sorted(set(bits) - set(components))
     if unknown:
         raise ValueError(f"bits keys must be among {tuple(components)}, got {unknown}")
@@ -361,11 +364,9 @@ def decode_weight_bytes(arch: Arch, batch: int = 1, bits: int = 16) -> float:
     shared experts plus the routed experts the batch touches, ``E (1 - (1 - k/E)^batch)`` under uniform routing
     (the router, norms and output head are read whole)
     (:func:`expected_experts_touched`). Per generated token: divide by ``batch``."""
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-    if bits not in QUANT_BITS + FLOAT_BITS:
-        raise ValueError(f"bits must be one of {QUANT_BITS + FLOAT_BITS}, got {bits!r}")
     c = count_params(arch).components
+    check_int("batch", batch, 1)
+    check_choice("bits", bits, QUANT_BITS + FLOAT_BITS)
     read = sum(c[name][0] for name in ("attention", "dense_ffn", "router", "shared_experts", "norms", "lm_head"))
     # untied: batch rows of the input embedding; tied: the output projection reads the whole matrix
     read += c["embedding"][0] if arch.tie_embeddings else min(batch, arch.vocab_size) * arch.d_model
@@ -419,5 +420,6 @@ node-limited routing with 8 groups, 4 kept, bias-corrected sigmoid scores). The 
 
 def dense_counterpart(arch: Arch) -> Arch:
     """The same model with every FFN dense (width ``d_ff``, or ``d_expert`` when ``d_ff`` is 0)."""
+    _check_arch(arch)
     return replace(arch, num_experts=0, k=0, n_shared=0, d_shared=None, d_expert=0, d_ff=arch.d_ff or arch.d_expert,
                    name=f"{arch.name} (dense)")

@@ -16,7 +16,7 @@ import torch
 from .dispatch import DISPATCH, DROP_POLICIES
 from .experts import ACTIVATIONS
 from .routing import GROUP_SCORES, SCORE_FUNCS, SOFTMAX_ORDERS, check_group_limits, check_k
-from .validation import check_bool, check_int, is_number
+from .validation import check_bool, check_choice, check_int, is_number
 
 ROUTERS = ("softmax", "noisy_topk")
 ROUTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,11 +25,6 @@ SAME = "same"
 
 STRUCTURAL = ("d_model", "d_ff", "num_experts", "activation", "router", "n_shared", "d_shared", "selection_bias")
 """Options that decide which parameters and buffers a layer has (:meth:`moe_lab.MoELayer.configure` rejects them)."""
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _fraction(name: str, value: Any) -> None:
@@ -116,9 +111,9 @@ class MoEOptions:
     expert_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("score_func", self.score_func, SCORE_FUNCS)
-        _choice("softmax_order", self.softmax_order, SOFTMAX_ORDERS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("score_func", self.score_func, SCORE_FUNCS)
+        check_choice("softmax_order", self.softmax_order, SOFTMAX_ORDERS)
         check_bool("renormalize", self.renormalize)
         if self.score_func == "sigmoid" and self.softmax_order != "before_topk":
             raise ValueError("softmax_order applies to score_func='softmax' only; leave it at 'before_topk' "
@@ -140,11 +135,11 @@ class MoEOptions:
         if self.topk_groups > self.n_groups:
             raise ValueError(f"topk_groups must satisfy 1 <= topk_groups <= n_groups={self.n_groups}, "
                              f"got {self.topk_groups}")
-        _choice("group_score", self.group_score, GROUP_SCORES)
+        check_choice("group_score", self.group_score, GROUP_SCORES)
         check_int("n_shared", self.n_shared, 0)
         if self.d_shared is not None:
             check_int("d_shared", self.d_shared, 1)
-        _choice("router", self.router, ROUTERS)
+        check_choice("router", self.router, ROUTERS)
         object.__setattr__(self, "router_dtype", router_dtype_of(self.router_dtype))
         if self.router == "noisy_topk" and (self.score_func != "softmax" or self.router_dtype != torch.float32):
             raise ValueError("router='noisy_topk' needs score_func='softmax' and router_dtype=float32, got "
@@ -153,8 +148,8 @@ class MoEOptions:
         _capacity("capacity_factor", self.capacity_factor)
         if self.eval_capacity_factor != SAME:
             _capacity("eval_capacity_factor", self.eval_capacity_factor)
-        _choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        _choice("dispatch", self.dispatch, tuple(DISPATCH))
+        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("dispatch", self.dispatch, tuple(DISPATCH))
         _fraction("expert_dropout", self.expert_dropout)
 
     def options(self) -> dict[str, Any]:
@@ -205,7 +200,10 @@ class MoEConfig(MoEOptions):
         ``d_shared`` (when set) is divided too, so a shared expert keeps the new expert width ratio."""
         sizes = fine_grained(self.num_experts, self.k, self.d_ff, granularity)._asdict()
         if self.d_shared is not None:
-            sizes["d_shared"] = fine_grained(1, 1, self.d_shared, granularity).d_ff
+            if self.d_shared % granularity:
+                raise ValueError(f"d_shared={self.d_shared} must be divisible by granularity={granularity} (each "
+                                 "shared expert is split like the routed ones)")
+            sizes["d_shared"] = self.d_shared // granularity
         return replace(self, **sizes)
 
 

@@ -20,22 +20,19 @@ overlapping (DeepSeek-V3's DualPipe, Megatron's a2a overlap) can hide.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from .calculator import Arch, count_params, training_memory
 from .dispatch import expert_capacity
-from .metrics import devices_per_token, expert_groups
+from .metrics import check_groups, devices_per_token, expert_groups
 from .parallel import all_to_all_bytes
 from .routing import check_experts
+from .validation import check_bool, check_int, check_number, check_type
 
 ALL_TO_ALLS_PER_STEP = 4  # dispatch + combine, forward and backward
-
-
-def _check_world(world_size: int) -> None:
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
 
 
 def ep_bytes_per_step(tokens: int, k: int, d_model: int, bytes_per_element: int, world_size: int,
@@ -43,7 +40,9 @@ def ep_bytes_per_step(tokens: int, k: int, d_model: int, bytes_per_element: int,
     """Bytes one rank sends per training step through expert-parallel all-to-alls, dropless:
     ``4 * layers * tokens * k * d_model * bytes``, times ``(P - 1) / P`` (the expected share leaving the rank)
     when ``off_rank``."""
-    _check_world(world_size)
+    check_int("world_size", world_size, 1)
+    check_int("layers", layers, 0)
+    check_bool("off_rank", off_rank)
     total = ALL_TO_ALLS_PER_STEP * layers * all_to_all_bytes(tokens, k, d_model, bytes_per_element)
     return total * (world_size - 1) / world_size if off_rank else float(total)
 
@@ -51,10 +50,10 @@ def ep_bytes_per_step(tokens: int, k: int, d_model: int, bytes_per_element: int,
 def all_to_all_time(bytes_per_rank: float, world_size: int, latency_s: float, bandwidth: float) -> float:
     """Alpha-beta time of one all-to-all where each rank holds ``bytes_per_rank`` bytes for all ``P`` ranks
     (its own share included): ``(P - 1) * latency + (P - 1) / P * bytes / bandwidth``; 0 for one rank."""
-    _check_world(world_size)
-    if latency_s < 0 or not bandwidth > 0 or bytes_per_rank < 0:
-        raise ValueError(f"need latency_s >= 0, bandwidth > 0, bytes_per_rank >= 0; got {latency_s}, {bandwidth}, "
-                         f"{bytes_per_rank}")
+    check_int("world_size", world_size, 1)
+    check_number("bytes_per_rank", bytes_per_rank, 0)
+    check_number("latency_s", latency_s, 0)
+    check_number("bandwidth (bytes/s)", bandwidth, 0, low_open=True)
     return (world_size - 1) * latency_s + (world_size - 1) / world_size * bytes_per_rank / bandwidth
 
 
@@ -72,21 +71,36 @@ def ep_step_time(compute_s: float, bytes_per_rank: float, world_size: int, laten
                  all_to_alls: int = ALL_TO_ALLS_PER_STEP) -> StepEstimate:
     """Step time of ``compute_s`` of computation plus ``all_to_alls`` all-to-alls of ``bytes_per_rank`` each
     (:func:`all_to_all_time`), not overlapped."""
-    if compute_s < 0 or all_to_alls < 0:
-        raise ValueError(f"need compute_s >= 0 and all_to_alls >= 0, got {compute_s}, {all_to_alls}")
+    check_number("compute_s", compute_s, 0)
+    check_int("all_to_alls", all_to_alls, 0)
     comm = all_to_alls * all_to_all_time(bytes_per_rank, world_size, latency_s, bandwidth)
     total = compute_s + comm
     return StepEstimate(compute_s, comm, total, comm / total if total else 0.0)
+
+
+def _measurements(name: str, values: Any) -> np.ndarray:
+    """``values`` as a 1-D float array of finite numbers (else a ``ValueError`` naming ``name``)."""
+    try:
+        array = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim != 1 or not np.isfinite(array).all() or isinstance(values, (str, bytes)):
+        raise ValueError(f"{name} must be a 1-D sequence of finite numbers, got {values!r}")
+    return array
 
 
 def fit_alpha_beta(bytes_per_rank: list[float], seconds: list[float], world_size: int) -> tuple[float, float]:
     """``(latency_s, bandwidth)`` of :func:`all_to_all_time` fitted to measured all-to-alls of several sizes
     (``world_size >= 2``, at least two distinct sizes): least squares on the *relative* error, so small (latency
     bound) and large (bandwidth bound) sizes count alike, with the latency constrained to ``>= 0``."""
-    _check_world(world_size)
-    n, t = np.asarray(bytes_per_rank, dtype=float), np.asarray(seconds, dtype=float)
-    if world_size < 2 or n.shape != t.shape or len(set(n.tolist())) < 2 or not (t > 0).all():
-        raise ValueError("need world_size >= 2 and matching bytes_per_rank / positive seconds with >= 2 distinct sizes")
+    check_int("world_size (>= 2: one rank sends nothing)", world_size, 2)
+    n, t = _measurements("bytes_per_rank", bytes_per_rank), _measurements("seconds", seconds)
+    if n.shape != t.shape:
+        raise ValueError(f"seconds must have one entry per entry of bytes_per_rank ({n.size}), got {t.size}")
+    if (n < 0).any() or len(set(n.tolist())) < 2:
+        raise ValueError(f"bytes_per_rank must hold sizes >= 0, at least 2 distinct sizes, got {n.tolist()}")
+    if not (t > 0).all():
+        raise ValueError(f"seconds must all be > 0, got {t.tolist()}")
     p = world_size
     # t = (P-1) alpha + (P-1)/P n / beta, each row divided by its own t (relative residuals)
     design = np.stack([np.full_like(n, p - 1), (p - 1) / p * n], axis=1) / t[:, None]
@@ -128,9 +142,12 @@ def dispatch_bytes(experts: torch.Tensor, num_experts: int, world_size: int, ran
     device-limited routing pays off only with such a dispatch; the number of destination ranks of each token
     is :func:`moe_lab.metrics.devices_per_token`)."""
     check_experts(experts, num_experts)
+    check_groups(num_experts, world_size, "world_size")
+    check_int("rank", rank, 0, world_size - 1)
+    check_int("d_model", d_model, 1)
+    check_number("bytes_per_element", bytes_per_element, 0, low_open=True)
+    check_bool("dedup", dedup)
     owners = expert_groups(num_experts, world_size, experts.device)[experts]  # [T, k] rank of each chosen expert
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     if dedup:  # each token's destination ranks, less this rank itself
         rows = int(devices_per_token(experts, num_experts, world_size).sum()) - int((owners == rank).any(dim=1).sum())
     else:
@@ -142,6 +159,8 @@ def capacity_buffer_bytes(tokens: int, num_experts: int, k: int, capacity_factor
                           bytes_per_element: int) -> int:
     """Bytes one rank sends per all-to-all with fixed-capacity buffers (GShard): ``E x C x d_model`` rows of
     ``C = expert_capacity(tokens, E, capacity_factor, k)`` slots per expert, padding included (its own share too)."""
+    check_int("d_model", d_model, 1)
+    check_number("bytes_per_element", bytes_per_element, 0, low_open=True)
     return num_experts * expert_capacity(tokens, num_experts, capacity_factor, k) * d_model * bytes_per_element
 
 
@@ -156,9 +175,13 @@ def rank_state_bytes(replicated_params: int, expert_params: int, world_size: int
     stage 1) shards the master copy and the moments over the ranks holding the same parameter: replicated
     ones over all ``world_size`` ranks, expert ones over the ``world_size / ep_size`` copies.
     """
-    _check_world(world_size)
-    if not isinstance(ep_size, int) or ep_size < 1 or world_size % ep_size:
+    check_int("world_size", world_size, 1)
+    check_int("ep_size", ep_size, 1, world_size)
+    if world_size % ep_size:
         raise ValueError(f"ep_size must be a positive divisor of world_size={world_size}, got {ep_size!r}")
+    check_number("replicated_params", replicated_params, 0)
+    check_number("expert_params", expert_params, 0)
+    check_bool("zero", zero)
     experts = expert_params / ep_size
     per = training_memory(1, dtype)
     copies = world_size // ep_size
@@ -179,6 +202,8 @@ def moe_activation_bytes(arch: Arch, tokens_per_rank: int, dtype: str = "bf16") 
     d_expert``; GELU: pre- and post-activation, ``2 * d_expert``). The same under data and (balanced) expert
     parallelism: each rank computes ``tokens_per_rank * k`` slots on average; imbalance raises the busiest
     rank's share."""
+    check_type("arch", arch, Arch, "a moe_lab.calculator.Arch")
+    check_int("tokens_per_rank", tokens_per_rank, 0)
     hidden = (3 if arch.activation == "swiglu" else 2) * arch.d_expert
     per_slot = (arch.d_model + hidden) * training_memory(1, dtype)["weights"]
     return sum(arch.moe_layers) * tokens_per_rank * arch.k * per_slot
@@ -189,6 +214,7 @@ def rank_memory(arch: Arch, world_size: int, ep_size: int, dtype: str = "bf16", 
     """:func:`rank_state_bytes` for a whole model (routed experts sharded, everything else replicated, shared
     experts included) plus ``"activations"`` from :func:`moe_activation_bytes`; bytes per rank."""
     c = count_params(arch)
+    check_int("tokens_per_rank", tokens_per_rank, 0)
     expert_params = c.components["routed_experts"][0]
     parts = rank_state_bytes(c.total - expert_params, expert_params, world_size, ep_size, dtype, zero)
     activations = moe_activation_bytes(arch, tokens_per_rank, dtype) if arch.num_experts else 0.0

@@ -19,6 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .utils import compute_dtype
+from .validation import check_int, check_number
 
 Activation = Literal["gelu", "swiglu"]
 ACTIVATIONS = ("gelu", "swiglu")
@@ -264,8 +265,8 @@ class Experts(nn.Module):
         super().__init__()
         _check_activation(activation)
         for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            check_int(name, value, 1)
+        check_number("dropout", dropout, 0, 1, high_open=True)
         self.num_experts, self.d_model, self.d_ff, self.activation = num_experts, d_model, d_ff, activation
         self.dropout = dropout
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))

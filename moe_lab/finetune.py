@@ -18,9 +18,10 @@ from dataclasses import fields, replace
 
 from torch import nn
 
-from .config import STRUCTURAL, MoEOptions
+from .config import STRUCTURAL, MoEConfig, MoEOptions
 from .hooks import TrainHook, TrainState
 from .layer import MoELayer
+from .validation import check_bool, check_int, check_number, check_type
 
 GROUPS = ("moe", "non_moe", "router")
 """Parameter group names (:func:`parameter_groups`); :func:`set_trainable` also accepts ``"all"``."""
@@ -28,12 +29,14 @@ GROUPS = ("moe", "non_moe", "router")
 
 def moe_layers_of(model: nn.Module) -> list[MoELayer]:
     """The :class:`moe_lab.MoELayer` modules of ``model`` in order."""
+    check_type("model", model, nn.Module, "a torch.nn.Module (e.g. a moe_lab.MoETransformer)")
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """``{group: {parameter name: parameter}}`` for the :data:`GROUPS` (names as in ``model.named_parameters()``,
     in that order; ``router`` is a subset of ``moe``; ``moe`` and ``non_moe`` partition the parameters)."""
+    check_type("model", model, nn.Module, "a torch.nn.Module (e.g. a moe_lab.MoETransformer)")
     moe_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MoELayer))
     router_prefixes = tuple(f"{prefix}router." for prefix in moe_prefixes)
     groups: dict[str, dict[str, nn.Parameter]] = {name: {} for name in GROUPS}
@@ -45,9 +48,11 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
 
 
 def _group_names(groups: str | Iterable[str]) -> list[str]:
-    names = [groups] if isinstance(groups, str) else list(groups)
     allowed = ("all", *GROUPS)
-    bad = [g for g in names if g not in allowed]
+    if not isinstance(groups, (str, Iterable)):
+        raise TypeError(f"groups must be a group name or names among {allowed}, got {type(groups).__name__}")
+    names = [groups] if isinstance(groups, str) else list(groups)
+    bad = [g for g in names if not isinstance(g, str) or g not in allowed]
     if bad or not names:
         raise ValueError(f"groups must name at least one of {allowed}, got {groups!r}")
     return list(GROUPS) if "all" in names else names
@@ -57,8 +62,9 @@ def set_trainable(model: nn.Module, groups: str | Iterable[str]) -> int:
     """Train only the parameters in ``groups`` (a name or names from ``("all", "moe", "non_moe", "router")``):
     set ``requires_grad`` True for them and False for every other parameter. Returns how many parameter
     elements are trainable now (e.g. ``set_trainable(model, "non_moe")``: ST-MoE's recommended recipe)."""
+    names = _group_names(groups)
     chosen = parameter_groups(model)
-    train = {id(p) for g in _group_names(groups) for p in chosen[g].values()}
+    train = {id(p) for g in names for p in chosen[g].values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in train)
     return count_parameters(model, trainable=True)
@@ -66,18 +72,26 @@ def set_trainable(model: nn.Module, groups: str | Iterable[str]) -> int:
 
 def count_parameters(model: nn.Module, *, trainable: bool = False) -> int:
     """Number of parameter elements of ``model`` (only those with ``requires_grad`` when ``trainable``)."""
+    check_type("model", model, nn.Module, "a torch.nn.Module")
+    check_bool("trainable", trainable)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
 def configure_moe(model: nn.Module, **changes) -> None:
     """Change options of every MoE layer of a built model in place, e.g. ``configure_moe(model,
     expert_dropout=0.2)`` or ``configure_moe(model, capacity_factor=1.25, eval_capacity_factor=None)``
-    (:meth:`moe_lab.MoELayer.configure`: validated, weights untouched). ``model.cfg`` (if the model has one) is
-    updated to match. Options that add or remove weights (:data:`moe_lab.config.STRUCTURAL`) are rejected."""
-    allowed = sorted({f.name for f in fields(MoEOptions)} - set(STRUCTURAL))
+    (:meth:`moe_lab.MoELayer.configure`: validated, weights untouched; ``k`` too, as there). ``model.cfg`` (if the
+    model has one) is updated to match. Options that add or remove weights (:data:`moe_lab.config.STRUCTURAL`)
+    are rejected."""
+    allowed = sorted({f.name for f in fields(MoEConfig)} - set(STRUCTURAL))
+    structural = sorted(set(changes) & set(STRUCTURAL))
+    if structural:
+        raise ValueError(f"{', '.join(structural)} cannot be changed on a built model (they decide its weights); "
+                         "build a new model instead")
     unknown = sorted(set(changes) - set(allowed))
     if unknown:
-        raise ValueError(f"options {unknown} cannot be changed on a built model; allowed: {allowed}")
+        raise ValueError(f"{', '.join(unknown)} cannot be changed by configure_moe, which changes the MoE layers' "
+                         f"options {', '.join(allowed)} (loss coefficients: model.loss_weights)")
     layers = moe_layers_of(model)
     if not layers:
         raise ValueError(f"model has no MoE layers to configure (got a {type(model).__name__} without MoELayer)")
@@ -96,11 +110,9 @@ class ConstantLR(TrainHook):
     to ``train`` is then ignored)."""
 
     def __init__(self, lr: float, warmup: int = 0):
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {lr!r}")
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
-        self.lr, self.warmup = float(lr), warmup
+        check_number("lr", lr, 0, low_open=True)
+        check_int("warmup", warmup, 0)
+        self.lr, self.warmup = float(lr), int(warmup)
 
     def on_step_start(self, state: TrainState) -> None:
         state.lr = self.lr * min(1.0, (state.step + 1) / self.warmup) if self.warmup else self.lr

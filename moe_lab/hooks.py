@@ -18,6 +18,7 @@ rate), then the ones passed to ``train(hooks=...)``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .validation import check_choice, check_int, check_number, check_type
 
 if TYPE_CHECKING:
     from .model import LossOutput
@@ -89,12 +92,6 @@ SCHEDULE_SHAPES = ("exponential", "linear", "cosine")
 NAN_POLICIES = ("stop", "checkpoint")
 
 
-def _positive_number(name: str, value: Any, *, allow_zero: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
-
-
 @dataclass(frozen=True)
 class Decay:
     """A coefficient that moves from ``start`` (step 0) to ``end`` over the first ``over`` fraction of a run,
@@ -108,16 +105,15 @@ class Decay:
     over: float = 1.0
 
     def __post_init__(self) -> None:
-        positive = self.shape == "exponential"
-        _positive_number("start", self.start, allow_zero=not positive)
-        _positive_number("end", self.end, allow_zero=not positive)
-        if self.shape not in SCHEDULE_SHAPES:
-            raise ValueError(f"shape must be one of {SCHEDULE_SHAPES}, got {self.shape!r}")
-        _positive_number("over", self.over, allow_zero=False)
-        if self.over > 1:
-            raise ValueError(f"over must be a fraction of the run, 0 < over <= 1, got {self.over!r}")
+        check_choice("shape", self.shape, SCHEDULE_SHAPES)
+        positive = self.shape == "exponential"  # a geometric schedule needs start, end > 0
+        check_number("start", self.start, 0, low_open=positive)
+        check_number("end", self.end, 0, low_open=positive)
+        check_number("over", self.over, 0, 1, low_open=True)  # a fraction of the run
 
     def __call__(self, step: int, steps: int) -> float:
+        check_int("steps", steps, 1)
+        check_int("step", step, 0)  # past the run: the end value
         span = max(1.0, self.over * (steps - 1))
         t = min(1.0, step / span)
         if self.shape == "exponential":
@@ -125,6 +121,20 @@ class Decay:
         if self.shape == "cosine":
             t = 0.5 * (1 - math.cos(math.pi * t))
         return self.start + (self.end - self.start) * t
+
+
+def _check_schedule(term: str, schedule: Callable) -> None:
+    """A ``TypeError`` naming ``term`` unless ``schedule`` can be called as ``schedule(step, steps)``."""
+    try:
+        signature = inspect.signature(schedule)
+    except (TypeError, ValueError):  # a builtin without a signature: it is checked when called
+        return
+    try:
+        signature.bind(0, 1)
+    except TypeError as err:
+        name = getattr(schedule, "__name__", type(schedule).__name__)
+        raise TypeError(f"{term} must be a number or a schedule called as {term}(step, steps) -> coefficient (e.g. "
+                        f"Decay(1e-2, 1e-3)), got {name}{signature}: {err}") from None
 
 
 class LossWeightSchedule(TrainHook):
@@ -140,8 +150,10 @@ class LossWeightSchedule(TrainHook):
         if not schedules:
             raise ValueError("LossWeightSchedule needs at least one term, e.g. LossWeightSchedule(z=Decay(1e-2, 1e-3))")
         for term, schedule in schedules.items():
-            if not callable(schedule):
-                _positive_number(term, schedule)
+            if callable(schedule):
+                _check_schedule(term, schedule)
+            else:
+                check_number(term, schedule, 0)
         self.schedules = schedules
 
     def on_train_start(self, state: TrainState) -> None:
@@ -155,7 +167,7 @@ class LossWeightSchedule(TrainHook):
     def on_step_start(self, state: TrainState) -> None:
         for term, schedule in self.schedules.items():
             value = float(schedule(state.step, state.steps)) if callable(schedule) else float(schedule)
-            _positive_number(f"the {term} coefficient at step {state.step}", value)
+            check_number(f"the {term} coefficient at step {state.step}", value, 0)
             state.model.loss_weights[term] = value
             state.history.log(f"{term}_coef", value)
 
@@ -273,11 +285,16 @@ class NaNGuard(TrainHook):
     """
 
     def __init__(self, policy: str = "stop", path: str | os.PathLike | None = None):
-        if policy not in NAN_POLICIES:
-            raise ValueError(f"policy must be one of {NAN_POLICIES}, got {policy!r}")
+        check_choice("policy", policy, NAN_POLICIES)
         if (policy == "checkpoint") != (path is not None):
             raise ValueError(f"path is required with policy='checkpoint' and only then, got policy={policy!r}, "
                              f"path={path!r}")
+        if path is not None:
+            check_type("path", path, (str, os.PathLike), "a file path (str or os.PathLike)")
+            folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+            if not os.path.isdir(folder):
+                raise ValueError(f"path {os.fspath(path)!r}: its folder {folder!r} does not exist (create it first; "
+                                 "the checkpoint is written only when training fails)")
         self.policy, self.path = policy, None if path is None else os.fspath(path)
         self._handles: list = []
         self._maxima: dict[str, torch.Tensor] = {}
@@ -322,12 +339,18 @@ class NaNGuard(TrainHook):
         state = self._state
         self._release()
         message = f"non-finite {quantity} at step {state.step}: {detail}"
+        saved, failure = None, None
         if self.policy == "checkpoint":
-            torch.save({"step": state.step, "quantity": quantity, "message": message,
-                        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}, self.path)
-            message += f"; checkpoint of the weights before this step saved to {self.path}"
+            try:
+                torch.save({"step": state.step, "quantity": quantity, "message": message,
+                            "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}, self.path)
+                saved = self.path
+                message += f"; checkpoint of the weights before this step saved to {self.path}"
+            except Exception as err:  # the failure that matters is the non-finite value: report both
+                failure = err
+                message += f"; saving the checkpoint to {self.path} failed ({type(err).__name__}: {err})"
         raise NonFiniteError(message + " (try a lower learning rate, gradient clipping, the z-loss or a float32 "
-                             "router)", quantity=quantity, step=state.step, checkpoint=self.path)
+                             "router)", quantity=quantity, step=state.step, checkpoint=saved) from failure
 
     def _release(self) -> None:
         for handle in self._handles:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .offload import CacheStats, Policy, guess_experts, moe_layers, prefetch_order, simulate_cache
+from .routing import check_experts
+from .validation import check_bool, check_int, check_type
 
 
 @dataclass
@@ -38,8 +40,10 @@ class RoutingTrace:
         return len(self.experts)
 
     def _calls(self, layer: int, decode_only: bool) -> list[int]:
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if not self.num_layers:
+            raise ValueError("layer: this trace has no MoE layer")
+        check_int("layer", layer, 0, self.num_layers - 1)
+        check_bool("decode_only", decode_only)
         return [c for c, e in enumerate(self.experts[layer]) if not decode_only or e.shape[-2] == 1]
 
     def per_position(self) -> "RoutingTrace":
@@ -56,8 +60,7 @@ class RoutingTrace:
     def _pick(self, t: torch.Tensor, sequence: int | None) -> torch.Tensor:
         if sequence is None:
             return t
-        if not 0 <= sequence < t.shape[0]:
-            raise ValueError(f"sequence must be in [0, {t.shape[0]}) (the batch), got {sequence}")
+        check_int("sequence", sequence, 0, t.shape[0] - 1)
         return t[sequence]
 
     def steps(self, layer: int, *, decode_only: bool = True, sequence: int | None = None) -> list[list[int]]:
@@ -70,20 +73,28 @@ class RoutingTrace:
     def guess_steps(self, layer: int, *, decode_only: bool = True,
                     sequence: int | None = None) -> list[list[int]] | None:
         """The prefetch guesses for the calls of :meth:`steps` (most likely first); None for the first layer."""
+        calls = self._calls(layer, decode_only)
         if not self.guesses[layer]:
             return None
-        return [prefetch_order(self._pick(self.guesses[layer][c], sequence).reshape(-1, self.k))
-                for c in self._calls(layer, decode_only)]
+        return [prefetch_order(self._pick(self.guesses[layer][c], sequence).reshape(-1, self.k)) for c in calls]
 
     def tokens(self, layer: int, *, decode_only: bool = False) -> torch.Tensor:
         """``[N, k]`` experts of every token of the recorded calls of MoE layer ``layer``."""
-        return torch.cat([self.experts[layer][c].reshape(-1, self.k) for c in self._calls(layer, decode_only)])
+        return torch.cat([self.experts[layer][c].reshape(-1, self.k) for c in self._nonempty_calls(layer, decode_only)])
+
+    def _nonempty_calls(self, layer: int, decode_only: bool) -> list[int]:
+        calls = self._calls(layer, decode_only)
+        if not calls:
+            raise ValueError(f"the trace has no {'decode ' if decode_only else ''}calls of layer {layer}"
+                             + (" (decode_only=True skips the prefill: pass decode_only=False)" if decode_only else ""))
+        return calls
 
     def guess_recall(self, layer: int, *, decode_only: bool = True) -> float:
         """Fraction of the experts tokens used in ``layer`` that the speculative guess had named (per token)."""
-        calls = self._calls(layer, decode_only)
-        if not self.guesses[layer] or not calls:
-            raise ValueError(f"layer {layer} has no guesses (the first MoE layer has none)")
+        if not self.guesses[layer]:
+            raise ValueError(f"layer {layer} has no guesses (the first MoE layer has none; record_routing records "
+                             "them unless guesses=False)")
+        calls = self._nonempty_calls(layer, decode_only)
         used = torch.cat([self.experts[layer][c].reshape(-1, self.k) for c in calls])
         guess = torch.cat([self.guesses[layer][c].reshape(-1, self.k) for c in calls])
         return float((used[:, :, None] == guess[:, None, :]).any(-1).float().mean())
@@ -92,6 +103,7 @@ class RoutingTrace:
                  sequence: int | None = None) -> CacheStats:
         """Replay the decode steps of every layer through an expert cache of ``capacity`` slots per layer
         (:func:`moe_lab.offload.simulate_cache`; ``sequence`` as in :meth:`steps`) -> counts summed over layers."""
+        check_bool("prefetch", prefetch)
         total = CacheStats()
         for layer in range(self.num_layers):
             steps = self.steps(layer, decode_only=decode_only, sequence=sequence)
@@ -105,6 +117,8 @@ def record_routing(model: nn.Module, *, guesses: bool = True) -> Iterator[Routin
     """Record a :class:`RoutingTrace` of every forward pass of ``model``'s MoE layers inside the ``with`` block
     (generation or evaluation). ``guesses``: also record each layer's speculative guess from the previous MoE
     layer's input. The layers must share ``num_experts`` and ``k``."""
+    check_type("model", model, nn.Module, "a torch.nn.Module with MoE layers (moe_lab.MoETransformer)")
+    check_bool("guesses", guesses)
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model has no MoE layer to trace")
@@ -134,11 +148,12 @@ def experts_touched(experts: torch.Tensor, num_experts: int, batch: int, *, samp
     """Mean number of distinct experts that ``batch`` tokens drawn at random (without replacement) from
     ``experts: [N, k]`` (a trace's routing) use: the measured counterpart of
     :func:`moe_lab.calculator.expected_experts_touched`."""
+    check_experts(experts, num_experts)
     n = experts.shape[0]
-    if not isinstance(batch, int) or not 1 <= batch <= n:
-        raise ValueError(f"batch must be an integer in [1, {n}] (the tokens in the trace), got {batch!r}")
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    if not n:
+        raise ValueError("experts must hold at least one token, got shape (0, k)")
+    check_int("batch", batch, 1, n)
+    check_int("samples", samples, 1)
     picks = torch.stack([torch.randperm(n, generator=generator)[:batch] for _ in range(samples)])  # [S, B]
     used = torch.zeros(samples, num_experts, dtype=torch.bool)
     used.scatter_(1, experts[picks].reshape(samples, -1), True)
@@ -151,9 +166,9 @@ def decode_step_seconds(model: nn.Module, batch: int, context: int, steps: int =
     """Wall-clock seconds of one decode step (one new token for each of ``batch`` sequences with ``context``
     tokens in the KV cache), averaged over ``steps`` steps after a prefill; eval mode. One measurement: take
     the median of several, interleaved with whatever it is compared with."""
+    check_type("model", model, nn.Module, "a moe_lab.MoETransformer")
     for name, value in (("batch", batch), ("context", context), ("steps", steps)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, 1)
     was_training = model.training
     model.eval()
     try:

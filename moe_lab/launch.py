@@ -39,6 +39,8 @@ from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 from typing import Any, Callable
 
+from .validation import check_choice, check_int, check_number
+
 BACKENDS = ("gloo", "nccl")
 _BOOT = "import sys; from moe_lab.launch import _zygote_main; _zygote_main(sys.argv[1:])"
 _ERROR_GRACE_S = 1.0  # after one rank fails, how long to wait for the others' errors before killing them
@@ -123,14 +125,11 @@ class LocalCluster:
     """
 
     def __init__(self, world_size: int, *, backend: str = "gloo", threads: int = 1, timeout: float = 300.0):
-        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-            raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        check_int("world_size", world_size, 1)
+        check_choice("backend", backend, BACKENDS)
+        check_int("threads", threads, 1)
+        check_number("timeout (seconds)", timeout, 0, low_open=True)
+        world_size, threads = int(world_size), int(threads)
         self.world_size, self.backend, self.timeout = world_size, backend, float(timeout)
         self.closed = False
         start = time.perf_counter()
@@ -177,6 +176,8 @@ class LocalCluster:
         if self.closed:
             raise RuntimeError("this LocalCluster is closed (after close() or a failed run): start a new one")
         module, qualname = _importable_name(fn)
+        if timeout is not None:
+            check_number("timeout (seconds)", timeout, 0, low_open=True)
         try:
             for conn in self._conns:
                 _send(conn, ("run", module, qualname, args, kwargs))
@@ -280,6 +281,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
 
     ``timeout`` bounds starting the workers and the call, each. Errors as :meth:`LocalCluster.run`.
     """
+    _importable_name(fn)  # before any process starts
     with LocalCluster(world_size, backend=backend, threads=threads, timeout=timeout) as cluster:
         return cluster.run(fn, *args)
 

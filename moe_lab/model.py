@@ -23,7 +23,7 @@ from .config import MoEConfig, MoEOptions
 from .experts import FFN
 from .hooks import TrainHook
 from .layer import MoELayer, RoutingInfo
-from .validation import reads_values
+from .validation import check_bool, check_int, check_number, check_type, reads_values
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +60,18 @@ class ModelConfig(MoEOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int("vocab_size", self.vocab_size, 1)
+        if self.d_expert is not None:
+            check_int("d_expert", self.d_expert, 1)
+        self.arch()  # validates the architecture (sizes, heads, schedule) now, not when the model is built
+        if not all(self.moe_layers):
+            check_int("d_ff", self.d_ff, 1)  # the width of the dense FFNs (Arch allows 0: attention only)
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"n_heads must leave an even head size d_model / n_heads (RoPE rotates pairs), got "
+                             f"d_model={self.d_model}, n_heads={self.n_heads}")
+        check_number("rope_base", self.rope_base, 1, low_open=True)
+        for term in self.loss_weights():
+            check_number(f"{term}_coef", getattr(self, f"{term}_coef"), 0)
         if self.num_experts:
             self.layer_config()  # validates the MoE layer (k, groups, ...) now, not when the model is built
 
@@ -153,8 +165,9 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         for name, value in (("n_layers", n_layers), ("batch", batch), ("n_kv_heads", n_kv_heads),
                             ("head_dim", head_dim), ("max_len", max_len)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, value, 1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype (the model's), got {dtype!r}")
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -167,6 +180,18 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.keys.shape[3]
+
+    def check_fits(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> None:
+        """Raise ``ValueError`` naming ``cache`` unless this cache was built for a model of these sizes, dtype and
+        device (:meth:`MoETransformer.new_cache` builds one that fits)."""
+        n, _, heads, _, dim = self.keys.shape
+        theirs = dict(n_layers=n, n_kv_heads=heads, head_dim=dim, dtype=self.keys.dtype, device=self.keys.device)
+        ours = dict(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, dtype=dtype, device=device)
+        wrong = [f"{name}={theirs[name]} (the model has {ours[name]})" for name in ours if theirs[name] != ours[name]]
+        if wrong:
+            raise ValueError(f"cache was built for another model: {', '.join(wrong)}; build it with "
+                             "model.new_cache(batch, max_len)")
 
     @property
     def nbytes(self) -> int:
@@ -311,6 +336,7 @@ class MoETransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_type("cfg", cfg, ModelConfig, "a moe_lab.model.ModelConfig (e.g. toy_config('mixtral'))")
         self.cfg = cfg
         self.loss_weights = cfg.loss_weights()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -326,8 +352,13 @@ class MoETransformer(nn.Module):
         ``cache.length`` cached ones; their keys and values are appended and ``cache.length`` grows by ``L``.
         """
         check_token_ids("idx", idx, self.cfg.vocab_size)
-        if cache is not None and cache.batch != idx.shape[0]:
-            raise ValueError(f"cache holds batch={cache.batch} sequences, idx has {idx.shape[0]}")
+        if cache is not None:
+            check_type("cache", cache, KVCache, "None or a moe_lab.model.KVCache (model.new_cache(batch, max_len))")
+            attn = self.blocks[0].attn
+            weight = self.embed.weight
+            cache.check_fits(len(self.blocks), attn.n_kv_heads, attn.head_dim, weight.dtype, weight.device)
+            if cache.batch != idx.shape[0]:
+                raise ValueError(f"cache holds batch={cache.batch} sequences, idx has {idx.shape[0]}")
         x = self.embed(idx)
         infos = []
         for i, block in enumerate(self.blocks):
@@ -377,14 +408,14 @@ class MoETransformer(nn.Module):
         MoE layers are dropless: a capacity factor at eval makes routing depend on the batch of tokens).
         Runs in eval mode (and restores the mode), without gradients.
         """
-        if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be int64 of shape [batch, seq_len >= 1], got {idx.dtype} {tuple(idx.shape)}")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.cfg.vocab_size):
-            raise ValueError(f"top_k must be None or an integer in [1, vocab_size={self.cfg.vocab_size}], got {top_k!r}")
+        check_token_ids("idx", idx, self.cfg.vocab_size)
+        idx = idx.long()
+        check_int("max_new_tokens", max_new_tokens, 0)
+        check_number("temperature (0 = greedy)", temperature, 0)
+        if top_k is not None:
+            check_int("top_k", top_k, 1, self.cfg.vocab_size)
+        check_type("generator", generator, (torch.Generator, type(None)), "None or a torch.Generator")
+        check_bool("use_cache", use_cache)
         was_training = self.training
         self.eval()
         try:

@@ -29,6 +29,7 @@ from torch import nn
 from .experts import Experts
 from .layer import MoELayer
 from .utils import compute_dtype
+from .validation import check_bool, check_choice, check_ids, check_int, check_tensor, check_type
 
 Policy = Literal["lru", "lfu"]
 POLICIES = ("lru", "lfu")
@@ -58,11 +59,6 @@ class CacheStats:
         return CacheStats(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
 
 
-def _check_policy(policy: str) -> None:
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-
-
 class ExpertCache:
     """Which of ``num_experts`` experts occupy the ``capacity`` slots of one layer (see the module docstring).
 
@@ -71,12 +67,10 @@ class ExpertCache:
     """
 
     def __init__(self, num_experts: int, capacity: int, policy: Policy = "lru"):
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-        if not isinstance(capacity, int) or isinstance(capacity, bool) or not 1 <= capacity <= num_experts:
-            raise ValueError(f"capacity must be an integer in [1, num_experts={num_experts}], got {capacity!r}")
-        _check_policy(policy)
-        self.num_experts, self.capacity, self.policy = num_experts, capacity, policy
+        check_int("num_experts", num_experts, 1)
+        check_int("capacity", capacity, 1, num_experts)
+        check_choice("policy", policy, POLICIES)
+        self.num_experts, self.capacity, self.policy = int(num_experts), int(capacity), policy
         self.slot: dict[int, int] = {}  # resident expert -> slot
         self.last_used = [-1] * num_experts
         self.freq = [0] * num_experts
@@ -87,13 +81,6 @@ class ExpertCache:
     def resident(self) -> list[int]:
         """Experts in the cache, sorted."""
         return sorted(self.slot)
-
-    def _check(self, experts: Sequence[int]) -> list[int]:
-        experts = [int(e) for e in experts]
-        bad = [e for e in experts if not 0 <= e < self.num_experts]
-        if bad:
-            raise ValueError(f"experts must be ids in [0, {self.num_experts}), got {bad}")
-        return experts
 
     def _touch(self, e: int) -> None:
         self.clock += 1
@@ -118,7 +105,7 @@ class ExpertCache:
     def step(self, experts: Sequence[int]) -> list[tuple[int, int, bool]]:
         """Serve one forward pass that needs ``experts`` (any order, repeats allowed) -> ``(expert, slot, load)``
         in execution order: hits first, then misses in increasing id, each loaded into ``slot``."""
-        needed = sorted(set(self._check(experts)))
+        needed = sorted(set(check_ids("experts", experts, self.num_experts)))
         hits = {e for e in needed if e in self.slot}
         plan = []
         for e in sorted(hits):
@@ -143,7 +130,7 @@ class ExpertCache:
     def prefetch(self, experts: Sequence[int]) -> list[tuple[int, int]]:
         """Load the guessed ``experts`` (most likely first; at most ``capacity`` are kept) that are not resident
         -> the ``(expert, slot)`` loads."""
-        guesses = list(dict.fromkeys(self._check(experts)))[: self.capacity]
+        guesses = list(dict.fromkeys(check_ids("experts", experts, self.num_experts)))[: self.capacity]
         loads = []
         for e in guesses:
             if e not in self.slot:
@@ -156,15 +143,19 @@ class ExpertCache:
 
 def simulate_cache(steps: Sequence[Sequence[int]], num_experts: int, capacity: int, policy: Policy = "lru",
                    guesses: Sequence[Sequence[int]] | None = None) -> CacheStats:
-    """Replay one layer's routing: ``steps[t]`` the experts step ``t`` needs; with ``guesses``, ``guesses[t]``
-    (most likely first) is prefetched just before step ``t``. -> the cache's :class:`CacheStats`."""
-    if guesses is not None and len(guesses) != len(steps):
-        raise ValueError(f"guesses must have one entry per step ({len(steps)}), got {len(guesses)}")
+    """Replay one layer's routing: ``steps[t]`` the experts step ``t`` needs (a list of id lists, or a ``[T, k]``
+    integer tensor); with ``guesses``, ``guesses[t]`` (most likely first) is prefetched just before step ``t``.
+    -> the cache's :class:`CacheStats`."""
+    check_type("steps", steps, (Sequence, torch.Tensor), "a sequence of steps, each a sequence of expert ids")
+    if guesses is not None:
+        check_type("guesses", guesses, (Sequence, torch.Tensor), "None or a sequence with the guessed ids of each step")
+        if len(guesses) != len(steps):
+            raise ValueError(f"guesses must have one entry per step ({len(steps)}), got {len(guesses)}")
     cache = ExpertCache(num_experts, capacity, policy)
     for t, needed in enumerate(steps):
         if guesses is not None:
-            cache.prefetch(guesses[t])
-        cache.step(needed)
+            cache.prefetch(check_ids(f"guesses[{t}]", guesses[t], cache.num_experts))
+        cache.step(check_ids(f"steps[{t}]", needed, cache.num_experts))
     return cache.stats
 
 
@@ -172,6 +163,10 @@ def guess_experts(layer: MoELayer, h: torch.Tensor) -> torch.Tensor:
     """Speculative routing: the top-``k`` experts of ``layer``'s router scores (plus its selection bias, if any)
     on hidden states ``h: [..., d_model]`` that were meant for an earlier layer -> ``[T, k]`` expert ids (best
     first). Group limits are ignored: it is a guess."""
+    check_type("layer", layer, MoELayer, "a moe_lab.MoELayer")
+    check_tensor("h", h, f"[..., d_model={layer.d_model}]")
+    if h.dim() == 0 or h.shape[-1] != layer.d_model:
+        raise ValueError(f"h must have shape [..., d_model={layer.d_model}], got shape {tuple(h.shape)}")
     tokens = h.detach().reshape(-1, h.shape[-1])
     with torch.no_grad():
         if layer.config.router == "softmax":
@@ -186,6 +181,7 @@ def guess_experts(layer: MoELayer, h: torch.Tensor) -> torch.Tensor:
 
 def prefetch_order(guesses: torch.Tensor) -> list[int]:
     """``[T, k]`` guessed experts -> distinct experts, those guessed by more tokens first (then by rank, id)."""
+    check_tensor("guesses", guesses, "[tokens, k] (expert ids)", 2, kind="int")
     votes: dict[int, tuple[int, int]] = {}
     for rank, column in enumerate(guesses.T.tolist()):
         for e in column:
@@ -202,6 +198,25 @@ def _store_copy(w: torch.Tensor) -> torch.Tensor:
     return w.clone()
 
 
+class _InferenceOnly(torch.autograd.Function):
+    """Identity whose backward raises: the offloaded experts' slots are overwritten in place by later loads."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("offloaded experts (moe_lab.offload.offload_experts / OffloadedExperts) are inference-only: "
+                           "loading an expert overwrites a slot that an earlier expert's matmul saved for backward, so "
+                           "there is no backward pass through them; run the forward under torch.no_grad() (or "
+                           "torch.inference_mode()), or train without offloading")
+
+
+def _inference_only(out: torch.Tensor) -> torch.Tensor:
+    return _InferenceOnly.apply(out) if out.requires_grad else out
+
+
 class OffloadedExperts(nn.Module):
     """A layer's experts with only ``capacity`` of them on the compute device (see the module docstring).
 
@@ -209,13 +224,15 @@ class OffloadedExperts(nn.Module):
     CPU); ``resident`` is an :class:`moe_lab.Experts` of ``capacity`` slots on the compute device. Each forward
     pass asks ``cache`` (:class:`ExpertCache`) for a plan, copies every missing expert's weights from the store
     into its slot (``bytes_loaded``; prefetches: ``bytes_prefetched``) and runs each expert from its slot with
-    ``resident.forward_one``, so outputs equal the original experts' per-expert computation. Inference only
-    (the store is not trained and not saved in ``state_dict``); ``forward_one`` and ``forward_grouped`` (the
-    ``sorted`` dispatch) are supported.
+    ``resident.forward_one``, so outputs equal the original experts' per-expert computation. Inference only:
+    the store is not trained and not saved in ``state_dict``, and a backward pass through the outputs raises a
+    ``RuntimeError`` (slots are overwritten in place); ``forward_one`` and ``forward_grouped`` (the ``sorted``
+    dispatch) are supported.
     """
 
     def __init__(self, experts: Experts, capacity: int, policy: Policy = "lru"):
         super().__init__()
+        check_type("experts", experts, Experts, "a moe_lab.Experts (the layer's float experts)")
         self.num_experts, self.d_model, self.d_ff = experts.num_experts, experts.d_model, experts.d_ff
         self.activation, self.dropout = experts.activation, getattr(experts, "dropout", 0.0)
         self.cache = ExpertCache(experts.num_experts, capacity, policy)
@@ -251,7 +268,7 @@ class OffloadedExperts(nn.Module):
         """Expert ``e`` on its tokens (one cache step). x: ``[n, d_model]`` -> ``[n, d_model]``."""
         out = x.new_empty(x.shape[0], self.d_model, dtype=compute_dtype(x))
         self._run([e], {e: slice(None)}, x, out, None)
-        return out
+        return _inference_only(out)
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor, *, fused: bool | None = None,
                         scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,7 +281,7 @@ class OffloadedExperts(nn.Module):
                 start += n
         out = x.new_empty(x.shape[0], self.d_model, dtype=compute_dtype(x))
         self._run(list(rows), rows, x, out, scale)
-        return out
+        return _inference_only(out)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, capacity={self.cache.capacity}, policy={self.cache.policy!r}, "
@@ -306,8 +323,13 @@ def offload_experts(model: nn.Module, capacity: int, policy: Policy = "lru", *,
     """Within the ``with`` block, every MoE layer of ``model`` keeps ``capacity`` experts resident
     (:class:`OffloadedExperts`); with ``prefetch``, layer ``l``'s input is routed by layer ``l+1``'s router
     (:func:`guess_experts`) and those experts are prefetched into layer ``l+1``'s cache. The original experts
-    come back afterwards. The layers must use the ``sorted`` dispatch (the default)."""
+    come back afterwards. The layers must use the ``sorted`` dispatch (the default). Inference only: a backward
+    pass through an offloaded layer raises a ``RuntimeError`` (run the model under ``torch.no_grad()``)."""
+    check_type("model", model, nn.Module, "a torch.nn.Module with MoE layers (moe_lab.MoETransformer)")
+    check_bool("prefetch", prefetch)
     layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"model has no MoE layer to offload (a {type(model).__name__} without moe_lab.MoELayer)")
     for layer in layers:
         if layer.dispatch != "sorted":
             raise ValueError(f"offloading needs dispatch='sorted' on every MoE layer, got dispatch={layer.dispatch!r}")

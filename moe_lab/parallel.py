@@ -49,6 +49,7 @@ from .layer import MoELayer, RoutingInfo
 from .permute import combine_slots, gather_slots
 from .timing import record_bytes, region
 from .utils import compute_dtype
+from .validation import check_int, check_number
 
 
 def _exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, name: str) -> torch.Tensor:
@@ -88,6 +89,10 @@ def all_to_all(
 
 def all_to_all_bytes(tokens: int, k: int, d_model: int, bytes_per_element: int) -> int:
     """Bytes one rank sends in one dispatch (or combine) all-to-all, dropless: ``tokens * k * d_model * bytes``."""
+    check_int("tokens", tokens, 0)
+    check_int("k", k, 1)
+    check_int("d_model", d_model, 1)
+    check_number("bytes_per_element", bytes_per_element, 0, low_open=True)
     return tokens * k * d_model * bytes_per_element
 
 

@@ -3,9 +3,16 @@
 A weight ``w: [..., d_in, d_out]`` (the layout of :class:`moe_lab.Experts`: ``y = x @ w``) is split along ``d_in``
 into groups of ``group_size`` rows (``None``: one group, i.e. per output channel); each group of each output
 column gets one scale ``s = max|w| / q_max`` with ``q_max = 2^(bits-1) - 1`` (127 for int8, 7 for int4), and
-the codes are ``q = clamp(round(w / s), -q_max, q_max)``; ``w ~ s * q``. Scales are stored in ``scale_dtype``
-(float16 by default, as GPTQ / AWQ / HQQ do), and rounding is to the nearest code with the *stored* scale, so
-``|w - s q| <= s / 2`` for every weight. int4 codes are packed two per byte.
+the codes are ``q = clamp(round(w / s), -q_max, q_max)``; ``w ~ s * q``. Rounding is to the nearest code with the
+*stored* scale, so ``|w - s q| <= s / 2`` for every weight, and the stored scale is ``max|w| / q_max`` up to the
+rounding of its dtype (relative ``2^-11`` in float16, ``2^-8`` in bfloat16, ``2^-24`` in float32): the error is at
+most ``max|w| / (2 q_max)`` of the weight's group times ``1 + 2^-10`` (float16 or float32 scales; ``1 + 2^-8`` with
+bfloat16), at every magnitude. ``scale_dtype``: None (default) stores float16 scales, as GPTQ / AWQ / HQQ do, when
+every non-zero scale of the tensor is a normal float16 number (``6.1e-5 <= s <= 65504``: about ``|w| >= 7.8e-3``
+for int8, ``4.3e-4`` for int4) and float32 scales otherwise; a dtype given explicitly is used, and a scale it
+cannot hold as a normal number raises a ``ValueError``.
+(A scale below float32's smallest normal, ``|w| < 1e-36``, is stored as that number: the error stays below
+``6e-39``.) int4 codes are packed two per byte.
 
 :class:`QuantizedExperts` holds a layer's experts this way and runs them with the same forward methods as
 :class:`moe_lab.Experts` (each expert's weights are dequantized when it runs: weight-only quantization saves
@@ -23,25 +30,46 @@ import torch.nn.functional as F
 
 from .experts import Experts
 from .layer import MoELayer
+from .model import MoETransformer
 from .utils import compute_dtype
+from .validation import check_bool, check_choice, check_finite, check_tensor, check_type, is_int
 
 BITS = (4, 8)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
-def _check(bits: int, group_size: int | None, d_in: int, scale_dtype: torch.dtype) -> int:
-    """Validate the options; return the group size in force."""
-    if bits not in BITS or isinstance(bits, bool):
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+def _check_options(bits: int, scale_dtype: torch.dtype | None) -> None:
+    check_choice("bits", bits, BITS)
+    if scale_dtype is not None:
+        check_choice("scale_dtype", scale_dtype, SCALE_DTYPES)
+
+
+def _check_group(group_size: int | None, d_in: int) -> int:
+    """The group size in force for an input width ``d_in`` (``None``: all ``d_in`` rows)."""
     if group_size is None:
         return d_in
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or d_in % group_size:
+    if not is_int(group_size) or group_size < 1 or d_in % group_size:
         raise ValueError(f"group_size must be None or a positive integer dividing the input width d_in={d_in}, "
                          f"got {group_size!r}")
-    return group_size
+    return int(group_size)
+
+
+def _scale_dtype(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype that stores the exact scales ``scale`` (see the module docstring): ``scale_dtype``, or with None
+    float16 if it holds every non-zero scale as a normal number, else float32."""
+    nonzero = scale[scale > 0]
+    if not nonzero.numel():
+        return torch.float16 if scale_dtype is None else scale_dtype
+    low, high = float(nonzero.min()), float(nonzero.max())
+    for dtype in (torch.float16, torch.float32) if scale_dtype is None else (scale_dtype,):
+        info = torch.finfo(dtype)
+        if dtype == torch.float32 or info.smallest_normal <= low and high <= info.max:
+            return dtype
+    info = torch.finfo(scale_dtype)
+    raise ValueError(f"scale_dtype={scale_dtype} cannot hold the scales max|w| / q_max of w (from {low:.3g} to "
+                     f"{high:.3g}; its normal numbers span {info.smallest_normal:.3g} to {info.max:.3g}), so the "
+                     "error bound would not hold: use scale_dtype=None (automatic) or torch.float32")
 
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:
@@ -82,7 +110,9 @@ class QuantizedTensor:
         return self.data if self.bits == 8 else _unpack4(self.data, *self.shape[-2:])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``scale * codes`` as a ``shape`` tensor in ``dtype``."""
+        """``scale * codes`` as a ``shape`` tensor in ``dtype`` (a floating-point dtype)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         *lead, d_in, d_out = self.shape
         grouped = self.codes().reshape(*lead, d_in // self.group_size, self.group_size, d_out)
         return (grouped.to(torch.float32) * self.scale.to(torch.float32)).reshape(self.shape).to(dtype)
@@ -95,33 +125,37 @@ class QuantizedTensor:
 
 
 def quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None, *,
-             scale_dtype: torch.dtype = torch.float16) -> QuantizedTensor:
+             scale_dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Symmetric weight-only quantization of ``w: [..., d_in, d_out]`` (see the module docstring).
 
     ``bits``: 8 or 4; ``group_size``: rows of ``d_in`` sharing a scale (None: all, per output channel; must
-    divide ``d_in``). Raises ``ValueError`` for other bits, a group size that does not divide ``d_in``, or a
-    weight that is not finite.
+    divide ``d_in``); ``scale_dtype``: None (float16, or float32 where float16 cannot hold a scale) or one of
+    :data:`SCALE_DTYPES`. Raises ``ValueError`` for other bits, a group size that does not divide ``d_in``, a
+    weight that is not finite, or a scale that ``scale_dtype`` cannot hold.
     """
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() < 2:
-        raise ValueError(f"w must be a floating-point tensor [..., d_in, d_out], got {getattr(w, 'shape', w)!r}")
+    check_tensor("w", w, "[..., d_in, d_out]")
+    if w.dim() < 2 or not w.shape[-2]:
+        raise ValueError(f"w must have shape [..., d_in >= 1, d_out], got shape {tuple(w.shape)}")
     *lead, d_in, d_out = w.shape
-    group = _check(bits, group_size, d_in, scale_dtype)
+    _check_options(bits, scale_dtype)
+    group = _check_group(group_size, d_in)
+    check_finite("w", w)
     w32 = w.detach().to(torch.float32)
     if not bool(torch.isfinite(w32).all()):
-        raise ValueError("w must be finite (it contains inf or NaN)")
+        raise ValueError(f"w must fit into float32 (the quantization math), got |w| up to {float(w.abs().max()):.3g}")
     qmax = 2 ** (bits - 1) - 1
     grouped = w32.reshape(*lead, d_in // group, group, d_out)
     amax = grouped.abs().amax(dim=-2, keepdim=True)  # [..., groups, 1, d_out]
-    scale = (amax / qmax).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError(f"a scale overflows {scale_dtype}: use scale_dtype=torch.float32")
+    exact = amax.double() / qmax  # float32 division could round to 0 below float32's smallest normal
+    dtype = _scale_dtype(exact, scale_dtype)
+    scale = exact.clamp(min=torch.finfo(dtype).tiny).to(dtype)  # a zero group: codes 0, any scale
     codes = (grouped / scale.to(torch.float32)).round().clamp(-qmax, qmax).to(torch.int8).reshape(w.shape)
     data = codes if bits == 8 else _pack4(codes)
     return QuantizedTensor(data, scale, bits, group, tuple(w.shape))
 
 
 def fake_quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None, *,
-                  scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                  scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``dequantize(quantize(w))`` in ``w``'s dtype: the weight a quantized kernel effectively multiplies by."""
     return quantize(w, bits, group_size, scale_dtype=scale_dtype).dequantize(w.dtype)
 
@@ -133,19 +167,26 @@ class QuantizedExperts(nn.Module):
     Each expert's weights are dequantized to the compute dtype when that expert runs (``forward_grouped``
     dequantizes only the experts that have tokens). Codes and scales are buffers (they follow ``.to(device)``
     and are saved in ``state_dict``); ``w1``, ``w3``, ``w2`` read back the dequantized float32 stacks.
-    Build with ``QuantizedExperts(experts, bits, group_size)`` or :func:`quantize_model`.
+    Build with ``QuantizedExperts(experts, bits, group_size)`` or :func:`quantize_model`. ``group_size`` must
+    divide the input width of every weight (``d_model`` for ``w1`` / ``w3``, ``d_ff`` for ``w2``); with
+    ``fallback=True`` a weight whose input width it does not divide gets per-channel scales instead.
     """
 
     def __init__(self, experts: Experts, bits: int = 8, group_size: int | None = None, *,
-                 scale_dtype: torch.dtype = torch.float16):
+                 scale_dtype: torch.dtype | None = None, fallback: bool = False):
         super().__init__()
+        check_type("experts", experts, Experts, "a moe_lab.Experts (the float experts to quantize)")
+        _check_options(bits, scale_dtype)
+        check_bool("fallback", fallback)
         self.num_experts, self.d_model, self.d_ff = experts.num_experts, experts.d_model, experts.d_ff
         self.activation, self.dropout = experts.activation, getattr(experts, "dropout", 0.0)
         self.bits = bits
         self._names = [n for n in EXPERT_WEIGHTS if getattr(experts, n) is not None]
         self._shapes, self._group = {}, {}
         for name in self._names:
-            q = quantize(getattr(experts, name), bits, group_size, scale_dtype=scale_dtype)
+            w = getattr(experts, name)
+            group = _group_or_channel(group_size, w.shape[-2]) if fallback else group_size
+            q = quantize(w, bits, group, scale_dtype=scale_dtype)
             self.register_buffer(f"{name}_data", q.data)
             self.register_buffer(f"{name}_scale", q.scale)
             self._shapes[name], self._group[name] = q.shape, q.group_size
@@ -210,41 +251,63 @@ class QuantizedExperts(nn.Module):
         return torch.stack([self.forward_one(e, x[e]) for e in range(self.num_experts)])
 
     def extra_repr(self) -> str:
+        groups = {self._group[n] for n in self._names}
+        group = groups.pop() if len(groups) == 1 else self._group
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-                f"activation={self.activation!r}, bits={self.bits}, group_size={self._group['w1']}")
+                f"activation={self.activation!r}, bits={self.bits}, group_size={group}")
 
 
+QUANTIZED = "_moe_lab_quantized"
+"""The attribute :func:`quantize_model` sets on a model it quantized (``{part: bits}``)."""
 PARTS = ("experts", "shared", "attention", "dense_ffn", "embedding", "lm_head")
 """What :func:`quantize_model` can quantize: routed experts (real :class:`QuantizedExperts`), and fake-quantized
 shared experts, attention projections, dense FFNs, the input embedding and the output head."""
 
 
+def _group_or_channel(group_size: int | None, d_in: int) -> int | None:
+    """:func:`quantize_model`'s rule: ``group_size`` where it divides the input width ``d_in``, else None
+    (per-channel scales)."""
+    return group_size if group_size is not None and d_in % group_size == 0 else None
+
+
 def quantize_model(model: nn.Module, bits: dict[str, int], group_size: int | None = None, *,
-                   scale_dtype: torch.dtype = torch.float16) -> dict[str, int]:
+                   scale_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Quantize a :class:`moe_lab.model.MoETransformer` in place; ``bits = {part: 8 or 4}`` for the parts of
     :data:`PARTS` to quantize (others stay as they are). Routed experts become :class:`QuantizedExperts`; the
     other parts are fake-quantized (their float weights replaced by the dequantized values: the same outputs
     as a kernel that dequantizes on the fly, but no memory saved in this process). ``group_size`` applies to
-    every part whose input width it divides, others fall back to per-channel scales.
+    every weight whose own input width it divides (an expert's ``w1`` / ``w3``: ``d_model``; its ``w2``:
+    ``d_ff``), the others fall back to per-channel scales.
+
+    A model quantizes once: the weights must be the original floats, so a second call (e.g. a notebook cell run
+    again) raises a ``ValueError``; quantize a fresh copy (``copy.deepcopy`` of the float model) instead.
 
     Returns ``{part: bytes}`` of the weights of every part after quantization (float parts at their dtype's
     size, quantized ones as codes + scales, whether real or fake).
     """
-    unknown = sorted(set(bits) - set(PARTS))
+    check_type("model", model, MoETransformer, "a moe_lab.model.MoETransformer (quantize a layer's experts "
+               "with QuantizedExperts)")
+    check_type("bits", bits, dict, "a dict {part: 8 or 4}")
+    unknown = sorted(set(bits) - set(PARTS), key=repr)
     if unknown:
         raise ValueError(f"bits keys must be among {PARTS}, got {unknown}")
     for part, b in bits.items():
-        _check(b, None, 1, scale_dtype)  # validates the bit width
+        check_choice(f"bits[{part!r}]", b, BITS)
+    _check_options(8, scale_dtype)
+    if group_size is not None and (not is_int(group_size) or group_size < 1):
+        raise ValueError(f"group_size must be None or an integer >= 1, got {group_size!r}")
+    done = getattr(model, QUANTIZED, None)
+    if done is not None or any(isinstance(m, QuantizedExperts) for m in model.modules()):
+        raise ValueError(f"model is already quantized ({done or 'its experts are QuantizedExperts'}): quantize_model "
+                         "quantizes float weights once; quantize a copy of the float model instead "
+                         "(copy.deepcopy(model) before the first call)")
     sizes = dict.fromkeys(PARTS, 0)
-
-    def group_for(d_in: int) -> int | None:
-        return group_size if group_size is not None and d_in % group_size == 0 else None
 
     def fake(part: str, weight: torch.Tensor, transpose: bool) -> None:
         # nn.Linear / nn.Embedding store [d_out, d_in] (embedding rows: one per token, scaled per row)
         w = weight.data.T if transpose else weight.data
         if part in bits:
-            q = quantize(w, bits[part], group_for(w.shape[-2]), scale_dtype=scale_dtype)
+            q = quantize(w, bits[part], _group_or_channel(group_size, w.shape[-2]), scale_dtype=scale_dtype)
             weight.data.copy_((q.dequantize(w.dtype).T if transpose else q.dequantize(w.dtype)))
             sizes[part] += q.nbytes
         else:
@@ -255,9 +318,9 @@ def quantize_model(model: nn.Module, bits: dict[str, int], group_size: int | Non
             fake("attention", proj.weight, transpose=True)
         ffn = block.ffn
         if isinstance(ffn, MoELayer):
-            if "experts" in bits and not isinstance(ffn.experts, QuantizedExperts):
-                ffn.experts = QuantizedExperts(ffn.experts, bits["experts"], group_for(ffn.config.d_model),
-                                               scale_dtype=scale_dtype)
+            if "experts" in bits:
+                ffn.experts = QuantizedExperts(ffn.experts, bits["experts"], group_size, scale_dtype=scale_dtype,
+                                               fallback=True)
             experts = ffn.experts
             sizes["experts"] += experts.nbytes if isinstance(experts, QuantizedExperts) else sum(
                 p.nbytes for p in experts.parameters())
@@ -273,4 +336,6 @@ def quantize_model(model: nn.Module, bits: dict[str, int], group_size: int | Non
     fake("embedding", model.embed.weight, transpose=True)
     if model.lm_head is not None:
         fake("lm_head", model.lm_head.weight, transpose=True)
+    if bits:
+        setattr(model, QUANTIZED, dict(bits))
     return sizes

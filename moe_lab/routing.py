@@ -261,22 +261,29 @@ def sigmoid_topk(
     group_score: str = "max",
     routed_scaling_factor: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    renormalize_single: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 sigmoid gating with a selection-only bias.
 
     Scores ``s = sigmoid(logits)``; experts are *selected* by the top-k of ``s + bias`` (group-limited when
     ``n_groups > 1``); the gate of a selected expert is its *unbiased* ``s_i``, divided by the sum of the
-    selected ``s`` when ``renormalize`` and ``k > 1``, times ``routed_scaling_factor`` (V3: 2.5). So the bias
-    decides which experts a token uses, never how much of an expert it takes: a token whose selected set is
-    unchanged gets the same gates for any bias (with renormalisation a *different* set changes the
-    denominator; without it an expert that stays selected keeps its gate exactly). Without a bias, experts
+    selected ``s`` when ``renormalize`` and ``k > 1`` (this course's convention: at ``k = 1`` the gate stays
+    ``s_i``; ``renormalize_single=True`` gives the official V3 gate), times ``routed_scaling_factor`` (V3:
+    2.5). So the bias decides which experts a token uses, never how much of an expert it takes: a token whose
+    selected set is unchanged gets the same gates for any bias (with renormalisation a *different* set changes
+    the denominator; without it an expert that stays selected keeps its gate exactly). Without a bias, experts
     are selected by their logits (the same order as ``s``, without sigmoid's saturation ties).
 
     Args:
         logits: ``[T, E]`` router logits (any float dtype; the math runs in ``dtype``).
         k: experts per token.  bias: optional ``[E]`` float32 selection bias.
-        renormalize: normalise the selected gates when ``k > 1`` (V3: yes; at ``k = 1`` the gate stays
-            ``s_i`` so the router keeps a gradient).
+        renormalize: normalise the selected gates when ``k > 1`` (V3: yes). At ``k = 1`` this course keeps the
+            gate ``s_i`` (times the scaling factor), so the router keeps a gradient through the gates.
+        renormalize_single: with ``renormalize``, normalise at ``k = 1`` too, as DeepSeek-V3's official
+            ``Gate`` (``weights /= weights.sum(-1)`` for sigmoid scores at every k) and transformers'
+            ``DeepseekV3TopkRouter`` (``norm_topk_prob=True``) do: the single gate is then exactly
+            ``routed_scaling_factor`` for every token (and the router gets no gradient through it). Same
+            result as the default for ``k > 1``.
         n_groups, topk_groups, group_score: see :func:`group_limited_topk` (V3: 8, 4, ``"top2_sum"``).
         routed_scaling_factor: multiplies the gates.  dtype: dtype of the gating math (float32 default).
 
@@ -285,6 +292,7 @@ def sigmoid_topk(
         experts: ``[T, k]`` int64 selected experts.
     """
     check_bool("renormalize", renormalize)
+    check_bool("renormalize_single", renormalize_single)
     logits = _router_math_input(logits, k, dtype)
     check_group_limits(logits.shape[-1], k, n_groups, topk_groups, group_score)
     scores = logits.sigmoid()
@@ -293,7 +301,8 @@ def sigmoid_topk(
         _, experts = _limited_topk(logits, k, n_groups, topk_groups, group_score, group_sel, log_space=True)
     else:
         _, experts = _limited_topk(_selection(scores, bias), k, n_groups, topk_groups, group_score)
-    if renormalize and k > 1:  # s_i / sum_j s_j as a softmax of log s_i: exact where every selected s_i underflows
+    if renormalize and (k > 1 or renormalize_single):
+        # s_i / sum_j s_j as a softmax of log s_i: exact where every selected s_i underflows
         gates = F.logsigmoid(logits.gather(1, experts)).softmax(dim=-1)
     else:
         gates = scores.gather(1, experts)

@@ -14,6 +14,8 @@ import string
 import torch
 
 from .hooks import TrainHook, TrainState
+from .routing import check_experts
+from .validation import check_int, check_tensor, check_type, reads_values
 
 TOKEN_CLASSES = ("letter", "digit", "whitespace", "punctuation", "keyword", "other")
 """Class names of :func:`token_classes` (class id = index): ASCII letters, digits, whitespace, punctuation
@@ -27,8 +29,7 @@ def token_classes(tokens: torch.Tensor) -> torch.Tensor:
     """Class id (index into :data:`TOKEN_CLASSES`) of every byte. tokens: ``[N]`` ints in ``[0, 256)`` -> ``[N]``
     int64. A byte is ``keyword`` when its maximal run of ``[A-Za-z0-9_]`` bytes is a Python keyword
     (``keyword.kwlist``: ``if`` and ``elif`` are, ``classify``, ``_if`` and ``if2`` are not)."""
-    if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.is_complex():
-        raise ValueError(f"tokens must be a 1-D integer tensor, got shape {tuple(tokens.shape)} and {tokens.dtype}")
+    check_tensor("tokens", tokens, "[N] (byte ids)", 1, kind="int")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > 255):
         raise ValueError("tokens must be bytes in [0, 256)")
     table = torch.full((256,), TOKEN_CLASSES.index("other"), dtype=torch.int64)
@@ -47,9 +48,15 @@ def class_expert_counts(classes: torch.Tensor, experts: torch.Tensor, n_classes:
                         ) -> torch.Tensor:
     """Token-slots of each class routed to each expert. classes: ``[N]``, experts: ``[N, k]`` -> ``[C, E]`` int64
     (sums to ``N * k``)."""
-    if classes.dim() != 1 or experts.dim() != 2 or experts.shape[0] != classes.shape[0]:
-        raise ValueError(f"classes must be [N] and experts [N, k], got shapes {tuple(classes.shape)} and "
-                         f"{tuple(experts.shape)}")
+    check_int("n_classes", n_classes, 1)
+    check_experts(experts, num_experts)
+    check_tensor("classes", classes, "[N] (class ids)", 1, kind="int")
+    if classes.shape[0] != experts.shape[0]:
+        raise ValueError(f"classes must have one entry per token of experts [N={experts.shape[0]}, k], got shape "
+                         f"{tuple(classes.shape)}")
+    if reads_values(classes) and classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= n_classes):
+        raise ValueError(f"classes must hold class ids in 0..{n_classes - 1} (n_classes={n_classes}), got ids from "
+                         f"{int(classes.min())} to {int(classes.max())}")
     pair = classes.long()[:, None] * num_experts + experts.long()
     return torch.bincount(pair.reshape(-1), minlength=n_classes * num_experts).view(n_classes, num_experts)
 
@@ -72,6 +79,7 @@ def class_expert_stats(classes: torch.Tensor, experts: torch.Tensor, n_classes: 
 def routing_decisions(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """Experts each MoE layer of ``model`` (a :class:`moe_lab.MoETransformer`) picks for ``idx: [B, S]`` in eval
     mode -> ``[L, B*S, k]`` int64."""
+    check_type("model", model, torch.nn.Module, "a moe_lab.MoETransformer")
     was_training = model.training
     model.eval()
     try:
@@ -88,7 +96,9 @@ def router_saturation(experts: torch.Tensor, final: torch.Tensor) -> float:
     """OLMoE's router saturation: the mean over tokens of ``|top-k(t) & top-k(final)| / k``, the share of the
     experts chosen at a checkpoint that the final checkpoint also chooses (order within the top-k ignored).
     experts, final: ``[N, k]`` expert ids of the same tokens. 1 = routing no longer changes."""
-    if experts.shape != final.shape or experts.dim() != 2 or experts.shape[0] == 0:
+    check_tensor("experts", experts, "[N, k] (expert ids)", 2, kind="int")
+    check_tensor("final", final, "[N, k] (expert ids)", 2, kind="int")
+    if experts.shape != final.shape or experts.shape[0] == 0:
         raise ValueError(f"experts and final must both be [N, k] with N >= 1, got shapes {tuple(experts.shape)} "
                          f"and {tuple(final.shape)}")
     same = (experts.long()[:, :, None] == final.long()[:, None, :]).any(-1)  # [N, k]
@@ -100,8 +110,10 @@ class RoutingSnapshots(TrainHook):
     step (and after the last): ``steps`` (1-based step counts) and ``experts`` (each ``[L, B*S, k]``)."""
 
     def __init__(self, idx: torch.Tensor, every: int):
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        check_tensor("idx", idx, "[batch, seq_len] (token ids)", 2, kind="int")
+        if not idx.numel():
+            raise ValueError(f"idx must hold at least one token, got shape {tuple(idx.shape)}")
+        check_int("every", every, 1)
         self.idx, self.every = idx, every
         self.steps: list[int] = []
         self.experts: list[torch.Tensor] = []
@@ -115,6 +127,9 @@ class RoutingSnapshots(TrainHook):
 
     def saturation(self) -> torch.Tensor:
         """``[len(steps), L]`` router saturation of each snapshot against the last one, per MoE layer."""
+        if not self.experts:
+            raise ValueError("saturation() needs at least one snapshot: none was recorded yet (pass this hook to "
+                             "moe_lab.train.train(hooks=[...]) first)")
         final = self.experts[-1]
         return torch.tensor([[router_saturation(snap[layer], final[layer]) for layer in range(final.shape[0])]
                              for snap in self.experts])

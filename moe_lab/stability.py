@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .experts import Experts
 from .routing import check_k, softmax_topk
+from .validation import check_finite, check_number, check_tensor, check_type, is_number, reads_values
 
 FLOAT_FORMATS = (torch.float32, torch.bfloat16, torch.float16)
 """The formats the course compares (router math, autocast dtypes)."""
@@ -36,6 +37,7 @@ def _check_format(dtype: torch.dtype) -> None:
 def float_formats(dtypes: tuple[torch.dtype, ...] = FLOAT_FORMATS) -> list[dict]:
     """One row per format: bits, exponent and mantissa (stored fraction) bits, largest finite value, smallest
     normal value, ``eps`` (the spacing at 1) and the spacing at 1000, all from ``torch.finfo``."""
+    check_type("dtypes", dtypes, (tuple, list), f"a tuple of dtypes among {FLOAT_FORMATS}")
     rows = []
     for dtype in dtypes:
         _check_format(dtype)
@@ -57,9 +59,9 @@ def spacing(value: float, dtype: torch.dtype) -> float:
     """
     _check_format(dtype)
     info = torch.finfo(dtype)
-    value = float(value)
-    if not math.isfinite(value) or abs(value) > info.max:
+    if not is_number(value) or abs(value) > info.max:
         raise ValueError(f"value must be finite with |value| <= {info.max:.6g} (the {dtype} range), got {value!r}")
+    value = float(value)
     if abs(value) < info.smallest_normal:
         return info.smallest_normal * info.eps
     _, exponent = math.frexp(abs(value))  # |value| = m * 2^exponent with 0.5 <= m < 1
@@ -69,7 +71,10 @@ def spacing(value: float, dtype: torch.dtype) -> float:
 def topk_flips(logits: torch.Tensor, other: torch.Tensor, k: int) -> float:
     """Fraction of tokens whose *set* of top-``k`` experts differs between ``logits`` and ``other`` (both
     ``[T, E]``; the order inside the top-k does not count, so at ``k = E`` nothing can flip)."""
-    if logits.dim() != 2 or other.shape != logits.shape or logits.shape[0] == 0:
+    for name, t in (("logits", logits), ("other", other)):
+        check_tensor(name, t, "[tokens, num_experts]", 2)
+        check_finite(name, t)
+    if other.shape != logits.shape or logits.shape[0] == 0:
         raise ValueError(f"logits and other must both have shape [tokens, num_experts] with tokens >= 1, got "
                          f"{tuple(logits.shape)} and {tuple(other.shape)}")
     check_k(k, logits.shape[-1])
@@ -110,10 +115,21 @@ def routing_flips(x: torch.Tensor, weight: torch.Tensor, k: int, dtype: torch.dt
     ``offset`` adds the same number to every logit (computed in each precision, so the low-precision logits are
     rounded again): the softmax ignores it in exact arithmetic, ``dtype``'s spacing at ``offset`` does not.
     """
+    check_tensor("weight", weight, "[num_experts, d_model]", 2)
+    check_tensor("x", x, f"[tokens, d_model={weight.shape[1]}]", 2)
+    if x.shape[1] != weight.shape[1] or x.shape[0] == 0:
+        raise ValueError(f"x must have shape [tokens >= 1, d_model={weight.shape[1]}] (weight is [num_experts, "
+                         f"d_model]), got shape {tuple(x.shape)}")
+    check_finite("x", x)
+    check_finite("weight", weight)
     _check_format(dtype)
     check_k(k, weight.shape[0])
+    check_number("offset", offset)
     ref = router_logits(x, weight) + offset
     low = router_logits(x, weight, dtype) + offset
+    if not bool(torch.isfinite(ref).all() and torch.isfinite(low).all()):
+        raise ValueError(f"x and offset={offset!r} give router logits beyond the range of {dtype} (largest finite "
+                         f"{torch.finfo(dtype).max:.3g}): scale x down or use a smaller offset")
     p_ref, _, e_ref = softmax_topk(ref, k)
     p_low, _, e_low = softmax_topk(low, k, dtype=dtype)
     return FlipStats(flip_rate=topk_flips(ref, low, k),
@@ -129,8 +145,8 @@ def switch_init_(model: nn.Module, scale: float = 0.1) -> nn.Module:
     0.1 stable, 1.0 unstable, Table 3). ``fan_in``: ``in_features`` of linear layers and the router
     (``[out, in]``), ``d_in`` of stacked expert weights (``[E, d_in, d_out]``). Embeddings, norms and vectors
     keep their initialisation. Returns ``model``."""
-    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    check_type("model", model, nn.Module, "a torch.nn.Module")
+    check_number("scale", scale, 0, low_open=True)
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             continue
@@ -146,7 +162,14 @@ def switch_init_(model: nn.Module, scale: float = 0.1) -> nn.Module:
 def expert_utilisation(tokens_per_expert: torch.Tensor) -> torch.Tensor:
     """``sum_i min(n_i, n / E) / n`` for ``tokens_per_expert: [..., E]`` (``n`` slots in all): the share of the
     token-slots that experts of equal capacity ``n / E`` (capacity factor 1) could take; 1 at perfect balance,
-    ``1 / E`` when one expert gets everything. Returns ``[...]`` float32."""
+    ``1 / E`` when one expert gets everything (and 0 for a row without slots). Returns ``[...]`` float32."""
+    check_tensor("tokens_per_expert", tokens_per_expert, "[..., num_experts]", kind="real")
+    if tokens_per_expert.dim() == 0 or tokens_per_expert.shape[-1] == 0:
+        raise ValueError(f"tokens_per_expert must have shape [..., num_experts >= 1], got shape "
+                         f"{tuple(tokens_per_expert.shape)}")
+    check_finite("tokens_per_expert", tokens_per_expert)
+    if reads_values(tokens_per_expert) and bool((tokens_per_expert < 0).any()):
+        raise ValueError(f"tokens_per_expert must be counts >= 0, got a minimum of {float(tokens_per_expert.min())}")
     load = tokens_per_expert.float()
     total = load.sum(dim=-1, keepdim=True)
     fair = total / load.shape[-1]

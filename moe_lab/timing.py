@@ -27,6 +27,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .validation import check_choice, check_int, check_type
+
 _ACTIVE: list["StepTimer"] = []  # the timer whose step is open (a list, not a context variable: autograd may
 # run backward functions on another thread)
 
@@ -45,7 +47,11 @@ class StepTimer:
     """Collects a :class:`StepRecord` per :meth:`step`. ``device``: synchronise it at region boundaries (CUDA)."""
 
     def __init__(self, device: torch.device | str | None = None):
-        self.device = None if device is None else torch.device(device)
+        try:
+            self.device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must be None, a torch.device or a device name such as 'cuda', got "
+                             f"{device!r} ({err})") from None
         self.steps: list[StepRecord] = []
         self._open: StepRecord | None = None
 
@@ -72,6 +78,7 @@ class StepTimer:
     @contextmanager
     def region(self, name: str) -> Iterator[None]:
         """Add the time spent inside to region ``name`` of the open step (nothing if no step is open)."""
+        check_type("name", name, str, "a region name (str)")
         record = self._open
         if record is None:
             yield
@@ -87,6 +94,9 @@ class StepTimer:
 
     def record_bytes(self, name: str, sent: int, off_rank: int) -> None:
         """Add ``sent`` bytes (``off_rank`` of them to other ranks) to region ``name`` of the open step."""
+        check_type("name", name, str, "a region name (str)")
+        check_int("sent", sent, 0)
+        check_int("off_rank", off_rank, 0, sent)
         if self._open is not None:
             self._open.bytes_sent[name] += int(sent)
             self._open.off_rank_bytes[name] += int(off_rank)
@@ -94,6 +104,8 @@ class StepTimer:
     @contextmanager
     def time_module(self, module: nn.Module, name: str) -> Iterator[None]:
         """Inside this block, every forward call of ``module`` (e.g. a layer's router) is timed as ``name``."""
+        check_type("module", module, nn.Module, "a torch.nn.Module (e.g. layer.router)")
+        check_type("name", name, str, "a region name (str)")
         starts: list = []
 
         def before(*_):
@@ -114,8 +126,8 @@ class StepTimer:
         """Seconds per step of each region over the recorded steps after the first ``skip`` (warm-up):
         ``stat`` ``"median"``, ``"min"``, ``"max"`` or ``"mean"``; a region absent from a step counts 0 there."""
         reducers = {"median": statistics.median, "min": min, "max": max, "mean": statistics.fmean}
-        if stat not in reducers:
-            raise ValueError(f"stat must be one of {tuple(reducers)}, got {stat!r}")
+        check_choice("stat", stat, tuple(reducers))
+        check_int("skip", skip, 0)
         steps = self.steps[skip:]
         if not steps:
             raise ValueError(f"no steps recorded after skipping {skip} (recorded: {len(self.steps)})")

@@ -19,6 +19,7 @@ from .data import get_batch
 from .hooks import TrainHook, TrainState
 from .metrics import max_violation_tensor
 from .model import LOSS_TERMS, MoETransformer
+from .validation import check_bool, check_int, check_number, check_tensor, check_type, reads_values
 
 
 @dataclass
@@ -85,6 +86,8 @@ def _eval_batches(model: MoETransformer, data: torch.Tensor, batch_size: int, se
 def evaluate(model: MoETransformer, data: torch.Tensor, *, batch_size: int, seq_len: int, batches: int = 4,
              seed: int = 0) -> float:
     """Mean cross-entropy (nats per token) over ``batches`` random windows of ``data`` (eval mode)."""
+    _check_run(model, data, batch_size, seq_len)
+    check_int("batches", batches, 1)
     losses = [float(out.ce) for out in _eval_batches(model, data, batch_size, seq_len, batches, seed)]
     return sum(losses) / len(losses)
 
@@ -93,10 +96,32 @@ def evaluate_load(model: MoETransformer, data: torch.Tensor, *, batch_size: int,
                   seed: int = 0) -> torch.Tensor:
     """``[n_moe_layers, E]`` token-slots per expert over the same windows as :func:`evaluate` (eval mode):
     ``metrics.max_violation_tensor`` of it is Wang et al.'s MaxVio_global per layer."""
+    _check_run(model, data, batch_size, seq_len)
+    check_int("batches", batches, 1)
     loads = [torch.stack([i.tokens_per_expert.cpu() for i in out.infos]) if out.infos
              else torch.zeros(0, dtype=torch.long)
              for out in _eval_batches(model, data, batch_size, seq_len, batches, seed)]
     return torch.stack(loads).sum(0)
+
+
+def _check_run(model: MoETransformer, data: torch.Tensor, batch_size: int, seq_len: int,
+               val_data: torch.Tensor | None = None) -> None:
+    """Raise (naming the argument) unless ``model`` is a model and ``data`` (and ``val_data``) 1-D token ids
+    longer than ``seq_len``."""
+    check_type("model", model, MoETransformer, "a moe_lab.model.MoETransformer")
+    check_int("batch_size", batch_size, 1)
+    check_int("seq_len", seq_len, 1)
+    for name, tokens in (("data", data), ("val_data", val_data)):
+        if tokens is None and name == "val_data":
+            continue
+        check_tensor(name, tokens, "[N] (token ids)", 1, kind="int")
+        if tokens.numel() <= seq_len:
+            raise ValueError(f"{name} must hold more than seq_len={seq_len} tokens (a window and its next token), "
+                             f"got {tokens.numel()}")
+        vocab = model.cfg.vocab_size
+        if reads_values(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"{name} must hold token ids in 0..{vocab - 1} (the model's vocab_size={vocab}), got ids "
+                             f"from {int(tokens.min())} to {int(tokens.max())}")
 
 
 def _model_hooks(model: torch.nn.Module) -> list[TrainHook]:
@@ -137,10 +162,14 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
     every ``eval_every`` steps and at the end. ``progress`` shows a tqdm bar (a widget in notebooks).
     Raises ``FloatingPointError`` as soon as the loss is NaN or infinite (unless a hook skipped that step).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
-        raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
+    _check_run(model, data, batch_size, seq_len, val_data)
+    for name, value, low in (("steps", steps, 1), ("warmup", warmup, 0), ("grad_accum", grad_accum, 1),
+                             ("eval_every", eval_every, 0), ("seed", seed, 0)):
+        check_int(name, value, low)
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip (0 = off)", grad_clip)):
+        check_number(name, value, 0)
+    check_bool("progress", progress)
+    check_type("hooks", hooks, Sequence, "a sequence of moe_lab.hooks.TrainHook objects")
     hooks = [*_model_hooks(model), *hooks]
     for hook in hooks:
         if not isinstance(hook, TrainHook):

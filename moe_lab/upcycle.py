@@ -35,7 +35,7 @@ from dataclasses import fields, replace
 import torch
 
 from .config import MoEConfig, MoEOptions
-from .validation import check_int
+from .validation import check_bool, check_int, check_number, check_tensor, check_type
 from .experts import FFN, Experts
 from .finetune import moe_layers_of
 from .hooks import TrainHook, TrainState
@@ -78,7 +78,10 @@ def upcycled_expert_weights(w1: torch.Tensor, w3: torch.Tensor | None, w2: torch
         ``(w1 [E, d_model, d_ff / g], w3 [E, d_model, d_ff / g] or None, w2 [E, d_ff / g, d_model])``; expert
         ``e`` holds hidden units ``[j * d_ff / g, (j + 1) * d_ff / g)`` with ``j = e % g``.
     """
-    if w1.dim() != 2 or w2.dim() != 2 or w2.shape != w1.shape[::-1] or (w3 is not None and w3.shape != w1.shape):
+    for name, w in (("w1", w1), ("w2", w2)) + ((("w3", w3),) if w3 is not None else ()):
+        check_tensor(name, w, "[d_model, d_ff]" if name != "w2" else "[d_ff, d_model]", 2)
+    check_number("scale", scale, 0, low_open=True)
+    if w2.shape != w1.shape[::-1] or (w3 is not None and w3.shape != w1.shape):
         raise ValueError(f"w1, w3 must be [d_model, d_ff] and w2 [d_ff, d_model], got w1 {tuple(w1.shape)}, "
                          f"w3 {None if w3 is None else tuple(w3.shape)}, w2 {tuple(w2.shape)}")
     check_granularity(num_experts, granularity, d_ff=w1.shape[1])
@@ -98,8 +101,8 @@ def upcycled_router_weight(num_experts: int, d_model: int, granularity: int = 1,
     (uniform gates; every expert ties, so with ``g > 1`` top-k's tie-breaking may pick parts of copies)."""
     check_int("d_model", d_model, 1)
     check_granularity(num_experts, granularity)
-    if not isinstance(std, (int, float)) or isinstance(std, bool) or not std >= 0:
-        raise ValueError(f"std (router_std) must be a number >= 0, got {std!r}")
+    check_number("std (router_std)", std, 0)
+    check_type("generator", generator, (torch.Generator, type(None)), "None or a torch.Generator")
     rows = torch.randn(num_experts // granularity, d_model, generator=generator) * std
     return rows.repeat_interleave(granularity, dim=0)
 
@@ -107,15 +110,23 @@ def upcycled_router_weight(num_experts: int, d_model: int, granularity: int = 1,
 def expert_scale(config: MoEOptions, granularity: int = 1) -> float:
     """The factor on each expert's ``w2`` that keeps an upcycled layer equal to the dense FFN:
     ``granularity / routed_scaling_factor``."""
+    check_type("config", config, MoEOptions, "a moe_lab.config.MoEOptions (a MoEConfig or ModelConfig)")
+    check_int("granularity", granularity, 1)
     return granularity / config.routed_scaling_factor
 
 
 def why_not_exact(config: MoEConfig, granularity: int = 1, *, training: bool = False) -> list[str]:
-    """Why a layer with ``config``, upcycled with ``granularity``, would *not* equal the dense FFN at
+    """Why a layer with ``config`` (an :class:`MoEConfig`, or an MoE :class:`ModelConfig`: its
+    :meth:`~ModelConfig.layer_config`), upcycled with ``granularity``, would *not* equal the dense FFN at
     initialisation for every router (in training mode when ``training``): ``[]`` when it does (float32, up to
-    rounding)."""
-    if not isinstance(config, MoEConfig):
-        raise ValueError(f"config must be a moe_lab.config.MoEConfig, got {type(config).__name__}")
+    rounding). A granularity :func:`upcycle` rejects raises its ``ValueError``."""
+    check_type("config", config, (MoEConfig, ModelConfig), "a moe_lab.config.MoEConfig (or an MoE ModelConfig)")
+    if isinstance(config, ModelConfig):
+        if not config.num_experts:
+            raise ValueError("config must describe an MoE layer, got a dense ModelConfig (num_experts=0)")
+        config = config.layer_config()
+    check_granularity(config.num_experts, granularity, k=config.k)  # what upcycle itself accepts
+    check_bool("training", training)
     c, reasons = config, []
     if c.score_func == "softmax" and c.softmax_order == "before_topk" and not c.renormalize and c.k < c.num_experts:
         reasons.append("softmax before top-k without renormalisation: the gates sum to the selected probability "
@@ -134,7 +145,7 @@ def why_not_exact(config: MoEConfig, granularity: int = 1, *, training: bool = F
     if granularity > 1 and training and c.router == "noisy_topk":
         reasons.append("noisy top-k adds independent noise per expert, so top-k can pick parts of a copy")
     group = c.num_experts // c.n_groups
-    if granularity > 1 and group % granularity and granularity % group:
+    if granularity > 1 and c.n_groups > 1 and group % granularity and granularity % group:
         reasons.append("expert groups straddle the copies of the FFN, so group-limited top-k can pick parts of a copy")
     return reasons
 
@@ -156,6 +167,7 @@ def _fill_from_ffn(layer: MoELayer, ffn: FFN, granularity: int, router_std: floa
 
 
 def _check_router_std(router_std: float, granularity: int, num_experts: int, k: int) -> None:
+    check_number("router_std", router_std, 0)
     if router_std == 0 and granularity > 1 and k < num_experts:
         raise ValueError(f"router_std=0 with granularity={granularity} and k={k} < num_experts={num_experts}: a zero "
                          "router ties every expert and top-k may then pick parts of copies; use router_std > 0")
@@ -173,8 +185,7 @@ def upcycle_ffn(ffn: FFN, num_experts: int, k: int = 2, *, granularity: int = 1,
     (renormalised top-k) ``layer(x)[0]`` equals ``ffn(x)`` for any router weights; :func:`why_not_exact` says
     which options break that. Same device and dtype as ``ffn``.
     """
-    if not isinstance(ffn, FFN):
-        raise ValueError(f"ffn must be a dense moe_lab.experts.FFN to upcycle, got {type(ffn).__name__}")
+    check_type("ffn", ffn, FFN, "a dense moe_lab.experts.FFN to upcycle")
     dense = ffn.experts
     if "activation" in options:
         raise ValueError("activation comes from the dense ffn; do not pass it")
@@ -231,6 +242,7 @@ def expert_distance(experts: Experts) -> torch.Tensor:
     """``[E, E]`` pairwise distances between the experts' weights (``w1``, ``w3``, ``w2`` flattened), relative to
     the mean expert norm: 0 between identical experts (every pair right after coarse upcycling; with granular
     upcycling, the copies of one slice)."""
+    check_type("experts", experts, Experts, "a moe_lab.Experts (layer.experts)")
     with torch.no_grad():
         flat = torch.cat([w.detach().reshape(experts.num_experts, -1).float()
                           for w in (experts.w1, experts.w3, experts.w2) if w is not None], dim=1)
@@ -239,6 +251,7 @@ def expert_distance(experts: Experts) -> torch.Tensor:
 
 def mean_pairwise_distance(experts: Experts) -> float:
     """Mean of :func:`expert_distance` over the ``E (E - 1) / 2`` pairs (0 for a single expert)."""
+    check_type("experts", experts, Experts, "a moe_lab.Experts (layer.experts)")
     if experts.num_experts < 2:
         return 0.0
     i, j = torch.triu_indices(experts.num_experts, experts.num_experts, offset=1)

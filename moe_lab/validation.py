@@ -55,6 +55,48 @@ def check_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def _is_choice(value: Any, choice: Any) -> bool:
+    """``value`` is ``choice``: equal, and of its kind (a bool for a bool, an integer for an integer: ``True`` is
+    not ``1`` and ``8.0`` is not ``8``)."""
+    if isinstance(value, torch.Tensor):
+        return False
+    if isinstance(choice, bool) or isinstance(value, bool):
+        return value is choice
+    if is_int(choice):
+        return is_int(value) and value == choice
+    return value == choice
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """``value`` is one of ``allowed`` (see :func:`_is_choice`)."""
+    if not any(_is_choice(value, choice) for choice in allowed):
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_type(name: str, value: Any, types: type | tuple[type, ...], what: str) -> None:
+    """``value`` is an instance of ``types``; else a ``TypeError`` saying ``name`` must be ``what``."""
+    if not isinstance(value, types):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+
+
+def check_ids(name: str, values: Any, num: int) -> list[int]:
+    """``values`` is a sequence of integer ids in ``0 .. num - 1`` (a list or tuple of integers, or a 1-D integer
+    tensor or NumPy array; never floats, which would truncate, or bools) -> the ids as a list of ``int``."""
+    if isinstance(values, torch.Tensor) or hasattr(values, "__array__"):
+        t = torch.as_tensor(values)
+        if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor (or a list) of ids in 0..{num - 1}, got "
+                             f"{t.dtype} of shape {tuple(t.shape)}")
+        values = t.tolist()
+    elif isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of integer ids in 0..{num - 1}, got {type(values).__name__}")
+    ids = list(values)
+    bad = [v for v in ids if not is_int(v) or not 0 <= v < num]
+    if bad:
+        raise ValueError(f"{name} must hold integer ids in 0..{num - 1}, got {bad[:5]!r}")
+    return [int(v) for v in ids]
+
+
 def check_tensor(name: str, t: Any, shape: str, dims: int | tuple[int, ...] | None = None,
                  kind: str | None = "float") -> None:
     """``t`` is a tensor with ``dims`` dimensions (one of them, for a tuple) and a dtype of ``kind`` (a key of

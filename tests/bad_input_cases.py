@@ -3,7 +3,8 @@ message names the argument (``error``: a regex), or a result equal to an indepen
 
 ``tests/test_bad_input.py`` runs every case. The catalogue covers issue 16 section 3: wrong types, shapes and
 dtypes (integer, bool, complex, float64 beyond the float32 range), NaN / inf, 0-D and empty inputs, negative / zero
-/ NaN sizes, strings and floats for integers, k > E, ids >= E and float ids.
+/ NaN sizes, strings and floats for integers, k > E, ids >= E and float ids; ``tests/bad_input_newer.py`` the same for
+the modules added since (issue 23). :func:`counts` gives the numbers of the README's table.
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ from moe_lab.routing import (NoisyTopKRouter, Router, dense_gates, group_limited
 
 @dataclass
 class Case:
-    """``call()`` must raise ``ValueError`` / ``TypeError`` whose message names ``error`` (a whole word), or return
-    ``expect()``."""
+    """``call()`` must raise ``ValueError`` / ``TypeError`` (or ``raises``, for a failure that is not a bad
+    argument) whose message names ``error`` (a whole word), or return ``expect()``."""
 
     id: str
     call: Callable[[], Any]
     error: str | None = None
     expect: Callable[[], Any] | None = None
+    raises: tuple[type[Exception], ...] = (ValueError, TypeError)
 
 
 def same(a: Any, b: Any) -> bool:
@@ -612,6 +614,35 @@ def model_cases() -> list[Case]:
     return cases
 
 
+FIRST_ROUND = {"routing": routing_cases, "capacity (dispatch)": capacity_cases, "losses": loss_cases,
+               "metrics": metric_cases, "calculator": calculator_cases, "layer": layer_cases, "model": model_cases}
+"""Sections of the first round (issue 16): ``{module: builder of its cases}``."""
+
+
+def sections() -> dict[str, Callable[[], list[Case]]]:
+    """Every section of the catalogue: the first round, then the newer modules (``tests/bad_input_newer.py``)."""
+    from tests.bad_input_newer import NEWER  # here: that module builds on this one's helpers
+
+    return {**FIRST_ROUND, **NEWER}
+
+
 def all_cases() -> list[Case]:
-    return (routing_cases() + capacity_cases() + loss_cases() + metric_cases() + calculator_cases() + layer_cases()
-            + model_cases())
+    return [case for build in sections().values() for case in build()]
+
+
+def counts() -> dict[str, tuple[int, int]]:
+    """``{section: (cases that must raise, cases that must return a result)}``."""
+    out = {}
+    for name, build in sections().items():
+        cases = build()
+        errors = sum(c.error is not None for c in cases)
+        out[name] = (errors, len(cases) - errors)
+    return out
+
+
+def counts_table() -> str:
+    """The catalogue's counts by module as the README's Markdown table."""
+    rows = ["| module | must raise, naming the argument | must equal a reference | cases |", "|---|---:|---:|---:|"]
+    rows += [f"| {name} | {e} | {r} | {e + r} |" for name, (e, r) in counts().items()]
+    e, r = (sum(column) for column in zip(*counts().values()))
+    return "\n".join(rows + [f"| all | {e} | {r} | {e + r} |"])

@@ -1,11 +1,12 @@
 """Every case of the bad-input catalogue (tests/bad_input_cases.py) ends in a correct result or a ValueError /
 TypeError whose message names the argument."""
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.bad_input_cases import all_cases, same
+from tests.bad_input_cases import all_cases, counts_table, same
 from tests.strategies import names
 
 CASES = all_cases()
@@ -16,7 +17,7 @@ def test_bad_input(case):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "casting complex values to real discards the imaginary part"
         if case.error is not None:
-            with pytest.raises((ValueError, TypeError)) as info:
+            with pytest.raises(case.raises) as info:
                 case.call()
             assert names(str(info.value), case.error), f"the message does not name {case.error!r}: {info.value}"
         else:
@@ -26,6 +27,11 @@ def test_bad_input(case):
 
 def test_case_ids_are_unique():
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_readme_states_the_catalogue_counts():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert counts_table() in readme, "update the README's table:\n" + counts_table()
 
 
 @pytest.mark.parametrize("counts", [[1, 1, 4], [1, 1], [2, 2]], ids=["3 groups for 2 matrices", "4 rows of 6",

@@ -55,6 +55,50 @@ def test_round_trip_error_is_at_most_half_a_step(bits, group):
     assert float(err.max()) <= float(amax.max()) / qmax / 2 * (1 + 2 ** -10) + 1e-7
 
 
+MAGNITUDES = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2]
+
+
+def slow_worst_error(w, bits, group, deq):
+    """Worst ``|w - w_hat| / (max|w| of its group / (2 q_max))`` over the weights, every number a Python float
+    (double precision): 1 is the documented bound with an exact scale."""
+    qmax = 2 ** (bits - 1) - 1
+    rows, cols = w.shape
+    worst = 0.0
+    for j in range(cols):
+        for g in range(rows // group):
+            block = [float(w[i, j]) for i in range(g * group, (g + 1) * group)]
+            bound = max(abs(v) for v in block) / qmax / 2
+            for i, v in enumerate(block):
+                worst = max(worst, abs(v - float(deq[g * group + i, j])) / bound)
+    return worst
+
+
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+@pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 8), (4, 32)])
+def test_error_bound_holds_at_every_magnitude(magnitude, bits, group):
+    """Issue 23: a float16 scale clamped at float16's smallest normal broke the bound for small weights (2.9x for
+    int8 at 1e-3, 29x at 1e-4). The default scale dtype now holds every scale: the bound holds up to the scale's
+    rounding (float16: 2^-11 relative) from 1e-6 to 1e2."""
+    w = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * magnitude
+    q = quantize(w, bits, group)
+    assert slow_worst_error(w, bits, group or 64, q.dequantize()) <= 1 + 2 ** -10
+    # float16 scales where float16 holds them as normal numbers, float32 where it cannot
+    smallest = float(w.reshape(64 // (group or 64), group or 64, 8).abs().amax(1).min()) / (2 ** (bits - 1) - 1)
+    assert q.scale.dtype == (torch.float16 if smallest >= torch.finfo(torch.float16).smallest_normal else torch.float32)
+
+
+def test_a_scale_dtype_that_cannot_hold_the_scales_raises():
+    w = torch.randn(16, 4) * 1e-4
+    with pytest.raises(ValueError, match="scale_dtype"):
+        quantize(w, 8, scale_dtype=torch.float16)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        quantize(torch.randn(16, 4) * 1e6, 4, scale_dtype=torch.float16)  # scale above float16's largest
+    q = quantize(w, 8, scale_dtype=torch.bfloat16)  # bfloat16 has float32's range: 2^-8 relative rounding
+    assert q.scale.dtype == torch.bfloat16
+    assert slow_worst_error(w, 8, 16, q.dequantize()) <= 1 + 2 ** -8
+    assert torch.equal(quantize(torch.zeros(8, 2), 4).dequantize(), torch.zeros(8, 2))  # zero groups stay exact
+
+
 def test_smaller_groups_and_more_bits_give_smaller_errors():
     torch.manual_seed(0)
     w = torch.randn(256, 64) * torch.rand(256, 1)  # rows of different scales: groups help
@@ -91,6 +135,39 @@ def test_bad_arguments_raise_value_errors_naming_them():
         quantize_model(MoETransformer(toy_config("mixtral", n_layers=1)), {"router": 8})
     with pytest.raises(ValueError, match="bits"):
         quantized_weight_bytes(10, 3)
+
+
+@pytest.mark.parametrize("d_model,d_expert,group,expected", [
+    (32, 16, 32, {"w1": 32, "w3": 32, "w2": 16}),  # w2's input width 16: per channel (once: a ValueError)
+    (32, 48, 24, {"w1": 32, "w3": 32, "w2": 24}),  # w1's input width 32: per channel (once: w2 per channel too)
+    (32, 64, 32, {"w1": 32, "w3": 32, "w2": 32}),
+])
+def test_quantize_model_groups_each_weight_by_its_own_input_width(d_model, d_expert, group, expected):
+    torch.manual_seed(0)
+    model = MoETransformer(toy_config("mixtral", n_layers=1, d_model=d_model, n_heads=2, d_expert=d_expert)).eval()
+    experts = copy.deepcopy(model.blocks[0].ffn.experts)
+    quantize_model(model, {"experts": 4}, group_size=group)
+    q = model.blocks[0].ffn.experts
+    assert {name: q.quantized(name).group_size for name in ("w1", "w3", "w2")} == expected
+    for name, g in expected.items():  # each weight as quantize() gives it with its own group
+        torch.testing.assert_close(getattr(q, name), fake_quantize(getattr(experts, name), 4, g), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="group_size"):  # built directly, a group that does not divide raises
+        QuantizedExperts(experts, 4, 24 if d_model == 32 and d_expert == 48 else 5)
+
+
+def test_quantize_model_refuses_to_quantize_twice():
+    """Issue 23: a second call (a notebook cell run again with other bits) silently kept int8 and reported int8
+    sizes; the float weights are gone after the first call, so it raises."""
+    model = MoETransformer(toy_config("mixtral", n_layers=1))
+    quantize_model(model, {"experts": 8})
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, {"experts": 4})
+    fake_only = MoETransformer(toy_config("mixtral", n_layers=1))
+    quantize_model(fake_only, {"attention": 8})
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(copy.deepcopy(fake_only), {"experts": 4})
+    fresh = MoETransformer(toy_config("mixtral", n_layers=1))
+    assert quantize_model(fresh, {}) == quantize_model(fresh, {})  # nothing quantized: nothing to refuse
 
 
 def dequantized_copy(experts: Experts, bits, group) -> Experts:

@@ -183,6 +183,21 @@ def test_nan_guard_stops_on_the_gradient_norm(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_nan_guard_reports_the_non_finite_value_even_when_saving_fails(tmp_path):
+    """Issue 23: a checkpoint path in a missing folder replaced the NonFiniteError by torch.save's "Parent directory
+    does not exist". The folder is checked when the guard is built; if saving fails anyway (here: the path is a
+    folder), the NonFiniteError still comes, saying so, with the save error as its cause."""
+    with pytest.raises(ValueError, match="path"):
+        NaNGuard("checkpoint", tmp_path / "missing" / "nan.pt")
+    with pytest.raises(TypeError, match="path"):
+        NaNGuard("checkpoint", 123)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    with pytest.raises(NonFiniteError, match="non-finite router logits at step 2: .*saving the checkpoint to .* failed") as err:
+        run(small_model(), steps=4, hooks=[Capture(at_step_start=poison_router), NaNGuard("checkpoint", folder)])
+    assert err.value.checkpoint is None and err.value.__cause__ is not None  # torch.save: a RuntimeError here
+
+
 def test_nan_guard_is_silent_on_a_healthy_run_and_validates():
     h = run(small_model(), steps=2, hooks=[NaNGuard()])
     assert len(h.loss) == 2

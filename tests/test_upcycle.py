@@ -248,14 +248,18 @@ def test_bad_input_names_the_argument():
         upcycle(upcycle(dense, 4, 2), 4, 2)
     with pytest.raises(ValueError, match="model must be a dense"):
         upcycle(FFN(8, 16), 4, 2)
-    with pytest.raises(ValueError, match="ffn must be"):
+    with pytest.raises(TypeError, match="ffn must be"):
         upcycle_ffn(dense, 4, 2)
     with pytest.raises(ValueError, match="activation"):
         upcycle_ffn(FFN(8, 16), 4, 2, activation="gelu")
     with pytest.raises(ValueError, match="w1, w3 must be"):
         upcycled_expert_weights(torch.randn(4, 8), None, torch.randn(4, 8), 2)
-    with pytest.raises(ValueError, match="config must be"):
-        why_not_exact(ModelConfig(num_experts=4, k=2))
+    with pytest.raises(TypeError, match="config must be"):
+        why_not_exact({"num_experts": 4, "k": 2})
+    with pytest.raises(ValueError, match="config must describe"):
+        why_not_exact(ModelConfig())
+    assert why_not_exact(ModelConfig(num_experts=4, k=2, n_shared=1)) == why_not_exact(
+        ModelConfig(num_experts=4, k=2, n_shared=1).layer_config()) != []
     assert why_not_exact(MoEConfig(d_model=8, d_ff=8, num_experts=4, k=2)) == []
 
 

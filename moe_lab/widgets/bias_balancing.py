@@ -13,6 +13,7 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from ..bias_balancing import BiasTrace, simulate_bias_balancing
+from ..validation import check_int
 from ._display import FigureDashboard
 
 RATES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -112,11 +113,9 @@ def bias_balancing_dashboard(
     first render shows ``initial_step`` (default: the last step, so the static picture has the whole run)."""
     if rate not in RATES:
         raise ValueError(f"rate must be one of {RATES} for the dashboard, got {rate!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps, 1)
     initial_step = steps - 1 if initial_step is None else initial_step
-    if not isinstance(initial_step, int) or not 0 <= initial_step < steps:
-        raise ValueError(f"initial_step must be an integer in 0..{steps - 1}, got {initial_step!r}")
+    check_int("initial_step", initial_step, 0, steps - 1)
     sizes = dict(num_experts=num_experts, k=k, tokens=tokens, steps=steps, seed=seed)
     _trace(rate, centered, skew, **sizes)  # validates the sizes before any widget exists
     style = {"description_width": "initial"}

@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from ..losses import switch_aux_loss
 from ..metrics import max_violation, routing_entropy, tokens_per_expert
 from ..routing import Router, check_k, dense_gates, softmax_topk
+from ..validation import check_choice, check_int, check_number
 from ._display import FigureDashboard
 
 DISTRIBUTIONS = ("gaussian", "clustered", "dominant")
@@ -110,13 +111,11 @@ def routing_snapshot(
     Deterministic given ``seed``; the global RNG is left untouched.
     """
     for name, value in (("num_experts", num_experts), ("num_tokens", num_tokens), ("d_model", d_model)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, 1)
     check_k(k, num_experts)
-    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    check_number("logit_scale", logit_scale, 0, low_open=True)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_int("seed", seed, 0)
     gen = torch.Generator().manual_seed(seed)
     x = _tokens(distribution, num_tokens, d_model, gen)
     with torch.random.fork_rng(devices=[]):

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from ..metrics import max_over_mean, routing_entropy, tokens_per_expert
 from ..routing import add_gating_noise, check_k, softmax_topk
+from ..validation import check_number
 from ._display import FigureDashboard
 
 
@@ -40,8 +41,7 @@ def noise_snapshot(
     """Route ``clean: [T, E]`` logits with noise ``scale * N(0, 1) * noise_std`` (``noise_std: [T, E]`` or a
     broadcastable tensor) and summarise. ``scale = 0`` is the deterministic (evaluation) routing."""
     check_k(k, clean.shape[-1])
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    check_number("scale", scale, 0)
     clean = clean.float()
     std = torch.as_tensor(noise_std, dtype=torch.float32).expand_as(clean)
     noisy = add_gating_noise(clean, scale * std, torch.Generator().manual_seed(seed))

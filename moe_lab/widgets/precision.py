@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import ipywidgets as widgets
@@ -14,6 +13,7 @@ from matplotlib.figure import Figure
 
 from ..routing import check_k
 from ..stability import FlipStats, router_logits, routing_flips
+from ..validation import check_choice, check_int, check_number, check_tensor
 from ._display import FigureDashboard
 
 LOW_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,14 +40,11 @@ def precision_snapshot(x: torch.Tensor, weight: torch.Tensor, k: int = 2, dtype:
                        scale: float = 1.0, offset: float = 0.0, token: int = 0) -> PrecisionSnapshot:
     """Route ``x: [T, d]`` with ``scale * weight`` (``[E, d]``) plus a common logit ``offset`` in float32 and in
     ``dtype`` (``"bfloat16"`` or ``"float16"``); keep the statistics and one token's probabilities."""
-    if dtype not in LOW_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(LOW_DTYPES)}, got {dtype!r}")
-    if not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
-        raise ValueError(f"offset must be a finite number, got {offset!r}")
-    if not 0 <= token < x.shape[0]:
-        raise ValueError(f"token must be in 0..{x.shape[0] - 1}, got {token!r}")
+    check_choice("dtype", dtype, tuple(LOW_DTYPES))
+    check_number("scale", scale, 0, low_open=True)
+    check_number("offset", offset)
+    check_tensor("x", x, "[tokens, d_model]", 2)
+    check_int("token", token, 0, x.shape[0] - 1)
     check_k(k, weight.shape[0])
     w = scale * weight.detach()
     low_dtype = LOW_DTYPES[dtype]
