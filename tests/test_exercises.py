@@ -74,3 +74,23 @@ def test_every_exercise_has_hidden_cases():
         visible = ex.cases(False)
         seed_everything(1000)
         assert len(ex.cases(True)) > len(visible) >= 1, ex_id
+
+
+EXERCISE_NOTEBOOKS = sorted((ROOT / "exercises").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_instruction_the_notebook_gives_runs(path, capsys):
+    """What the header tells a student to call (``hint("08.1")``), and the ``hint(...)`` a failing check line
+    points to, run after the notebook's first code cell (its imports) without a NameError."""
+    nb = nbformat.read(path, as_version=4)
+    namespace: dict = {}
+    exec(next(c.source for c in nb.cells if c.cell_type == "code"), namespace)
+    calls = re.findall(r"`([A-Za-z_]\w*\([^`]*\))`", nb.cells[0].source)
+    assert calls, "the header gives no call to run"
+    for ex_id in nb.metadata["moe_lab"]["exercises"]:
+        namespace["check"](ex_id, lambda *args, **kwargs: None)
+        calls += re.findall(r"(hint\('\d\d\.\d+'\))", capsys.readouterr().out)
+    for call in calls:
+        eval(call, namespace)
+        assert capsys.readouterr().out.startswith("Hint "), call
