@@ -285,6 +285,8 @@ def _audit(event: str, args: tuple) -> None:
         elif _STATE.all_threads and ident != _MAIN_THREAD:
             _STATE.tampered.add(ident)
     elif event == "sys.addaudithook":
+        if sys._getframe(1).f_code == _install.__code__:
+            return  # another copy of this module installing its hook (the notebook imported moe_lab.checks)
         _STATE.hooks_added = _STATE.hooks_added or "added an audit hook (sys.addaudithook), which runs unprofiled"
         if _STATE.guard is not None:
             _STATE.guard._tamper(_STATE.hooks_added)

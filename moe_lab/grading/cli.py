@@ -15,7 +15,8 @@ from .sandbox import UNSAFE, Sandbox, bwrap_problem
 def choose_sandbox(unsafe: bool, hide: list[Path]) -> tuple[Sandbox | None, str]:
     """The sandbox kernels run in, and what to tell the instructor; ``None`` (with the reason) when no sandbox can
     run here and ``unsafe`` was not asked for."""
-    hidden = tuple(str(p.resolve()) for p in [ROOT, *hide])
+    course = [ROOT] if (ROOT / "solutions").exists() else []  # a checkout (not an installed package's folder)
+    hidden = tuple(str(p.resolve()) for p in [*course, *hide])
     if unsafe:
         return Sandbox("none", hidden), f"WARNING: grading without a sandbox (--unsafe-no-sandbox): {UNSAFE}"
     problem = bwrap_problem()

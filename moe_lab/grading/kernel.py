@@ -3,9 +3,10 @@ limit over the pipes (:mod:`moe_lab.grading.protocol`), watch its memory, and ki
 
 Memory is limited twice: ``RLIMIT_DATA`` in the kernel (an allocation beyond it raises ``MemoryError``), and a
 watchdog here that every ``WATCH_INTERVAL`` seconds sums the resident memory of every process of the kernel (its
-sandbox's processes; without a sandbox, its process group and its descendants) and what its ``/tmp`` and
-``/dev/shm`` hold, and kills them all when that passes the limit (the process list is refreshed every
-``MEMBERS_EVERY`` looks). Before each graded call, the processes the notebook left running are killed, so no
+sandbox's processes, read from the sandbox's own ``/proc``; without a sandbox, its process group and its
+descendants, listed every ``MEMBERS_EVERY`` looks) and what its ``/tmp`` and ``/dev/shm`` hold, and kills them all
+when that passes the limit, or when it runs more processes than its limit (``RLIMIT_NPROC`` does the same inside the
+sandbox, except for a grader running as root, whose sandboxes the Linux kernel exempts from it). Before each graded call, the processes the notebook left running are killed, so no
 helper started by a cell can answer for the student's function.
 """
 from __future__ import annotations
@@ -97,12 +98,12 @@ def family(root: int, group: int | None = None) -> list[int]:
     return sorted(found)
 
 
-def resident_bytes(pids: list[int]) -> int:
+def resident_bytes(pids: list[int], proc: str = "/proc") -> int:
     """Resident memory of ``pids`` summed (``/proc/PID/statm``: private, shared and file-backed pages)."""
     total, page = 0, os.sysconf("SC_PAGE_SIZE")
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/statm", "rb") as f:
+            with open(f"{proc}/{pid}/statm", "rb") as f:
                 total += int(f.read().split()[1]) * page
         except (OSError, IndexError, ValueError):
             continue
@@ -115,7 +116,7 @@ class KernelSession:
     sandbox (inside one, its private ``/tmp/work``)."""
 
     def __init__(self, build: Path, limits: Limits, sandbox: Sandbox, work: Path):
-        self.limits, self.sandbox, self.memory_killed = limits, sandbox, False
+        self.limits, self.sandbox, self.killed_for = limits, sandbox, ""
         self._ids = 0
         to_kernel, from_grader = os.pipe()[::-1]
         from_kernel, to_grader = os.pipe()
@@ -133,9 +134,13 @@ class KernelSession:
             command = [sys.executable, str(build / "moe_lab" / "grading" / "launcher.py"), *argv[2:]]
             env = {**environment(str(build), limits.threads, home=str(work)), "PATH": os.environ.get("PATH", "")}
             cwd = work
+        user = {}
+        if sandbox.kind != "bwrap" and sandbox.user is not None:
+            os.chown(work, sandbox.user, sandbox.user)
+            user = {"user": sandbox.user, "group": sandbox.user, "extra_groups": []}
         try:
             self.proc = subprocess.Popen(command, pass_fds=keep, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=cwd)
+                                         stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=cwd, **user)
         finally:
             for fd in keep:
                 os.close(fd)
@@ -143,8 +148,7 @@ class KernelSession:
         self._stop, self._closed = threading.Event(), threading.Lock()
         try:
             self.pid = self.init = self._sandbox_init(info_read) if info_read is not None else self.proc.pid
-            if limits.memory_mb > 0:
-                threading.Thread(target=self._watch, daemon=True).start()
+            threading.Thread(target=self._watch, daemon=True).start()
             ready = self.reader.read(time.monotonic() + START_TIMEOUT)
             if ready is None or ready[0].get("op") != "ready":
                 raise RuntimeError("the kernel did not start in time")
@@ -191,14 +195,27 @@ class KernelSession:
                     continue
         return total
 
+    def _usage(self, members: list[int]) -> tuple[int, int]:
+        """(processes, bytes of memory) of the kernel. In a sandbox, read from its own ``/proc`` (through its root:
+        only its processes, cheap enough to read at every look)."""
+        if self.sandbox.kind == "bwrap":
+            proc = f"/proc/{self.init}/root/proc"
+            try:
+                pids = [int(e) for e in os.listdir(proc) if e.isdigit()]
+            except OSError:
+                return 0, 0
+            return len(pids), resident_bytes(pids, proc) + self._tmp_bytes()
+        return len(members), resident_bytes(members)
+
     def _watch(self) -> None:
         limit, members, tick = self.limits.memory_mb * 2**20, [self.proc.pid], 0
         while not self._stop.wait(WATCH_INTERVAL):
             tick += 1
-            if tick % MEMBERS_EVERY == 1:  # listing the processes reads all of /proc: not every time
+            if self.sandbox.kind != "bwrap" and tick % MEMBERS_EVERY == 1:  # reads all of /proc: not every time
                 members = self.members() or [self.proc.pid]
-            if resident_bytes(members) + self._tmp_bytes() > limit:
-                self.memory_killed = True
+            processes, memory = self._usage(members)
+            if (limit and memory > limit) or processes > self.limits.processes + 2:  # + the sandbox's init, a shell
+                self.killed_for = "memory" if limit and memory > limit else "processes"
                 self.kill()
                 return
 
@@ -229,12 +246,20 @@ class KernelSession:
                     pass
             time.sleep(0.05)
 
+    @property
+    def memory_killed(self) -> bool:
+        return self.killed_for == "memory"
+
     def death(self) -> str:
-        """Why the kernel died, if the grader knows: its memory limit."""
-        return f" (its memory passed the limit of {self.limits.memory_mb} MB)" if self.memory_killed else ""
+        """Why the kernel died, if the grader knows: its memory or process limit."""
+        if self.killed_for == "memory":
+            return f" (its memory passed the limit of {self.limits.memory_mb} MB)"
+        if self.killed_for == "processes":
+            return f" (it ran more than {self.limits.processes} processes)"
+        return ""
 
     def alive(self) -> bool:
-        return self.proc.poll() is None and not self.memory_killed
+        return self.proc.poll() is None and not self.killed_for
 
     def request(self, header: dict, payload: bytes, timeout: float) -> Outcome:
         """Send a request and wait for its reply; on timeout interrupt it, and kill the kernel if it does not stop."""

@@ -62,11 +62,13 @@ def python_folders() -> list[str]:
 class Sandbox:
     """How kernels are confined. ``kind``: ``"bwrap"`` or ``"none"`` (``--unsafe-no-sandbox``); ``hide``: paths the
     kernel must not see (the course repository, the submissions, the grader's output folders); ``tmp_mb``: the size
-    of its ``/tmp`` and of its ``/dev/shm``."""
+    of its ``/tmp`` and of its ``/dev/shm``; ``user``: without a sandbox, the uid (and gid) a grader running as root
+    runs kernels as (Gradescope's container)."""
 
     kind: str = "bwrap"
     hide: tuple[str, ...] = ()
     tmp_mb: int = 1024
+    user: int | None = None
 
     def command(self, argv: list[str], build: Path, threads: int, info_fd: int) -> list[str]:
         """The command line that runs ``argv`` (``argv[0]`` is Python, then the launcher inside ``build``) in the
