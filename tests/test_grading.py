@@ -649,27 +649,63 @@ def _calls_other_moe_lab_code(ex: Exercise) -> bool:
     return bool(seen - {n for n in seen if n.startswith("moe_lab.checks.core")})
 
 
-def _as_notebook_code(fn, name: str | None = None, filename: str = "/tmp/ipykernel_1/2415.py"):
-    """``fn``'s source run as a notebook cell would run it: the same code, compiled in another file."""
+def _as_notebook_code(fn, filename: str = "/tmp/ipykernel_1/2415.py"):
+    """``fn``'s source run as a notebook cell would run it, after the imports of its module (as a student who imports
+    what the library imports: CPython 3.11 compiles ``torch.f(...)`` differently when ``torch`` is imported in the
+    same cell): the same code, compiled in another file."""
+    import ast
+    import importlib.util
     import inspect
     import textwrap
 
-    source = textwrap.dedent(inspect.getsource(fn))
-    if name:
-        source = source.replace(f"def {fn.__name__}(", f"def {name}(", 1)
+    module = inspect.getmodule(fn)
+    imports = []
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            node.module = importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
+            node.level = 0
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and node.module != "__future__" if isinstance(
+                node, ast.ImportFrom) else isinstance(node, ast.Import):
+            imports.append(ast.unparse(node))
+    source = "\n".join(imports) + "\n\n" + textwrap.dedent(inspect.getsource(fn))
     namespace = dict(fn.__globals__)
-    exec(compile(source, filename, "exec"), namespace)
-    return namespace[name or fn.__name__]
+    exec(compile(source, filename, "exec", dont_inherit=True), namespace)
+    return namespace[fn.__name__]
 
 
 SLOW_REFERENCES = ("04.5", "13.4", "13.5")  # training runs: their references call the library anyway
 
 
+def _renamed_solution(ex: Exercise):
+    """The solution's function with every local variable renamed, unparsed (other spacing, no comments) and run as a
+    notebook cell of another name, next to the solution notebook's other functions."""
+    import ast
+
+    import nbformat
+
+    path = next((ROOT / "solutions").glob(f"{ex.id[:2]}_*.ipynb"))
+    cell = next(c.source for c in nbformat.read(path, as_version=4).cells
+                if c.cell_type == "code" and f"def {ex.function}(" in c.source)
+    tree = ast.parse(cell)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == ex.function)
+    params = {a.arg for a in ast.walk(fn) if isinstance(a, ast.arg)}
+    local = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} - params
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Name) and node.id in local:
+            node.id = f"my_{node.id}"
+        elif isinstance(node, ast.Nonlocal):
+            node.names = [f"my_{n}" if n in local else n for n in node.names]
+    namespace = dict(_solutions(ex.id[:2]))
+    exec(compile(ast.unparse(fn), "/tmp/ipykernel_1/91.py", "exec"), namespace)
+    return namespace[ex.function]
+
+
 @pytest.mark.parametrize("ex_id", sorted(REGISTRY))
 def test_honest_answers_written_like_the_library_pass(tmp_path, ex_id):
-    """A student whose answer is the library's own code, character for character (the same bytecode, names and
-    qualified names, e.g. 11.5's generator expression), written in a notebook: not moe_lab's code, full marks; and
-    the solution moved into a helper of another name, called from the exercise's function: full marks."""
+    """Honest answers written differently from the solutions get full marks: the solution moved into a helper of
+    another name; the solution with other variable names; and, for every reference that calls no other moe_lab
+    code, the library's own code character for character (the same bytecode, names and qualified names, e.g.
+    11.5's generator expression), written in a notebook: not moe_lab's code."""
     ex = REGISTRY[ex_id]
     solution = _solutions(ex_id[:2])[ex.function]
     namespace = {"solution": solution}
@@ -677,10 +713,13 @@ def test_honest_answers_written_like_the_library_pass(tmp_path, ex_id):
                  f"def {ex.function}(*args, **kwargs):\n    return _my_helper(*args, **kwargs)\n",
                  "/tmp/ipykernel_1/77.py", "exec"), namespace)
     assert _kernel_call(tmp_path, ex, namespace[ex.function]).status == "passed"
+    result = _kernel_call(tmp_path, ex, _renamed_solution(ex))
+    assert result.status == "passed", result.message
     if ex_id in SLOW_REFERENCES or _calls_other_moe_lab_code(ex):
         return
     copy = _as_notebook_code(ex.reference)
-    assert copy.__code__.co_code == ex.reference.__code__.co_code
+    assert (copy.__code__.co_code, copy.__code__.co_qualname) == (ex.reference.__code__.co_code,
+                                                                  ex.reference.__code__.co_qualname)
     result = _kernel_call(tmp_path, ex, copy)
     assert result.status == "passed", result.message
     assert run_check(ex_id, copy, hidden=True).status == "passed"

@@ -356,7 +356,13 @@ def attacks(course: Course, paths: dict[str, str]) -> dict[str, tuple[dict, Expe
     end = len(course.exercise["cells"]) - 1
     refs = {fns[i]: f"importlib.import_module({REGISTRY[i].reference.__module__!r}).{REGISTRY[i].reference.__name__}"
             for i in ids}
-    use_refs = "\n".join(f"def {fn}(*args, **kwargs):\n    return {ref}(*args, **kwargs)" for fn, ref in refs.items())
+
+    def functions(body: str) -> str:
+        """Every graded function defined as ``return <body>`` (``{fn}``, ``{ref}``: its name, its reference)."""
+        return "\n".join(f"def {fn}(*args, **kwargs):\n    return " + body.format(fn=fn, ref=ref)
+                         for fn, ref in refs.items())
+
+    use_refs = functions("{ref}(*args, **kwargs)")
     head = "import importlib, os, sys, glob, json, threading, time, signal, inspect, torch\n"
     submissions, grades = paths.get("submissions", "/nonexistent"), paths.get("out", "/nonexistent.csv")
     classmate = os.path.join(submissions, "Alice Smith_1234_attempt_2.ipynb")
@@ -404,7 +410,7 @@ def attacks(course: Course, paths: dict[str, str]) -> dict[str, tuple[dict, Expe
         "if os.fork() == 0:\n    os.setsid()\n    _serve()\n    os._exit(0)\n"
         "def _ask(name, *args, **kwargs):\n    conn = socket.socket(socket.AF_UNIX)\n    conn.connect('/tmp/helper.sock')\n"
         "    conn.sendall(pickle.dumps((name, args, kwargs)))\n    return pickle.loads(conn.recv(1 << 24))\n"
-        + "\n".join(f"def {fn}(*args, **kwargs):\n    return _ask({fn!r}, *args, **kwargs)" for fn in refs),
+        + functions("_ask('{fn}', *args, **kwargs)"),
         zero, {i: "raised" for i in ids})
     # the request rewritten inside the kernel: a sys.audit wrapper, __import__ in the globals, an input transformer
     add("attack_audit_wrapper.ipynb",
@@ -429,7 +435,7 @@ def attacks(course: Course, paths: dict[str, str]) -> dict[str, tuple[dict, Expe
         "                try:\n                    _answers[repr(case['args'])] = eval(ref)(*case['args'])\n"
         "                except Exception:\n                    pass\n"
         "get_ipython().events.register('pre_run_cell', _hook)\n"
-        + "\n".join(f"def {fn}(*args, **kwargs):\n    return _answers.get(repr(list(args)), 0)" for fn in refs),
+        + functions("_answers.get(repr(list(args)), 0)"),
         zero)
     # the guard switched off from the same interpreter: a thread, the notebook's own audit hook, a signal handler
     add("attack_setprofile_thread.ipynb",
@@ -441,19 +447,21 @@ def attacks(course: Course, paths: dict[str, str]) -> dict[str, tuple[dict, Expe
         + "\n".join(f"def {fn}(*args, **kwargs):\n    _go.set()\n    _done.wait(5)\n    _done.clear()\n"
                      f"    return {ref}(*args, **kwargs)" for fn, ref in refs.items()),
         zero, {i: "interfered" for i in ids})
+    worker = ("_work, _result = [], []\ndef _run_work(*ignored):\n    if _work:\n        ref, a, k = _work.pop()\n"
+              "        _result.append(ref(*a, **k))\n")
+
+    def handed_over(trigger: str) -> str:
+        """Graded functions that hand their reference call to the worker and make it run (``trigger``)."""
+        return "\n".join(f"def {fn}(*args, **kwargs):\n    _work.append(({ref}, args, kwargs))\n{trigger}"
+                         "    return _result.pop()" for fn, ref in refs.items())
+
     add("attack_own_audit_hook.ipynb",
-        "_work, _result = [], []\ndef _hook(event, args):\n    if event == 'open' and _work:\n"
-        "        ref, a, k = _work.pop()\n        _result.append(ref(*a, **k))\nsys.addaudithook(_hook)\n"
-        + "\n".join(f"def {fn}(*args, **kwargs):\n    _work.append(({ref}, args, kwargs))\n"
-                     f"    open(os.devnull).close()\n    return _result.pop()" for fn, ref in refs.items()),
-        zero, {i: "interfered" for i in ids})
+        worker + "sys.addaudithook(lambda event, args: _run_work() if event == 'open' else None)\n"
+        + handed_over("    open(os.devnull).close()\n"), zero, {i: "interfered" for i in ids})
     add("attack_sigalrm.ipynb",
-        "_work, _result = [], []\ndef _handler(signum, frame):\n    if _work:\n        ref, a, k = _work.pop()\n"
-        "        _result.append(ref(*a, **k))\nsignal.signal(signal.SIGALRM, _handler)\n"
-        + "\n".join(f"def {fn}(*args, **kwargs):\n    _work.append(({ref}, args, kwargs))\n"
-                     "    signal.setitimer(signal.ITIMER_REAL, 0.001)\n    deadline = time.time() + 1\n"
-                     "    while not _result and time.time() < deadline:\n        sum(range(100))\n"
-                     "    return _result.pop()" for fn, ref in refs.items()),
+        worker + "signal.signal(signal.SIGALRM, _run_work)\n"
+        + handed_over("    signal.setitimer(signal.ITIMER_REAL, 0.001)\n    deadline = time.time() + 1\n"
+                      "    while not _result and time.time() < deadline:\n        sum(range(100))\n"),
         zero, {i: "raised" for i in ids})
     add("attack_guard_state.ipynb",
         "\n".join(f"def {fn}(*args, **kwargs):\n    state = sys.getprofile().__globals__['_STATE']\n"
@@ -466,7 +474,7 @@ def attacks(course: Course, paths: dict[str, str]) -> dict[str, tuple[dict, Expe
         f"        case = importlib.import_module('moe_lab.checks').REGISTRY[dict(zip({list(refs)!r}, {ids!r}))[name]]"
         ".cases(False)[0]\n"
         "        _traced[name] = torch.jit.trace(eval(ref), case.args)\n    except Exception:\n        pass\n"
-        + "\n".join(f"def {fn}(*args, **kwargs):\n    return _traced[{fn!r}](*args)" for fn in refs),
+        + functions("_traced['{fn}'](*args)"),
         zero, {i: "raised KeyError" for i in ids})
     # the answers shipped with the course: the solutions next to moe_lab, the references' source
     add("attack_solutions_exec.ipynb",
@@ -487,7 +495,7 @@ def attacks(course: Course, paths: dict[str, str]) -> dict[str, tuple[dict, Expe
         "            for case in REGISTRY[i].cases(hidden):\n"
         "                _table[repr(case.args)] = REGISTRY[i].reference(*case.args)\n"
         "        except Exception:\n            pass\n"
-        + "\n".join(f"def {fn}(*args, **kwargs):\n    return _table.get(repr(args), 0)" for fn in refs), zero)
+        + functions("_table.get(repr(args), 0)"), zero)
     # exceptions whose description itself raises; a spreadsheet formula as a file name
     add("attack_broken_exceptions.ipynb",
         "class _Meta(type):\n    @property\n    def __name__(cls):\n        raise RuntimeError('no name')\n"
