@@ -500,4 +500,5 @@ def hint(exercise_id: str, tier: int | None = None) -> None:
         raise ValueError(f"tier must be an int from 1 to {len(tiers)} for {exercise_id}, got {tier!r}")
     _REVEALED[exercise_id] = max(_REVEALED.get(exercise_id, 0), tier)
     last = " (the last one)" if tier == len(tiers) else f" (next: hint({exercise_id!r}))"
-    print(f"Hint {tier}/{len(tiers)} for {ex.id} {ex.function}{last}: {tiers[tier - 1]}")
+    print(textwrap.fill(f"Hint {tier}/{len(tiers)} for {ex.id} {ex.function}{last}: {tiers[tier - 1]}", WIDTH,
+                        subsequent_indent="    ", break_long_words=False, break_on_hyphens=False))

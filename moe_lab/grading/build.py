@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..checks import integrity
@@ -253,6 +254,10 @@ def cached_build(prefix: str, exercises: list[Exercise], package: Path, root: Pa
     final = folder / prefix
     if (final / "moe_lab" / "__init__.py").exists():
         return final
+    if not folder.exists():  # builds of other versions of the sources, unused for a day
+        for old in root.glob("*") if root.exists() else []:
+            if old.is_dir() and time.time() - old.stat().st_mtime > 86400:
+                shutil.rmtree(old, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     keep_file = folder / "imported.json"
     try:

@@ -118,8 +118,8 @@ class KernelSession:
     def __init__(self, build: Path, limits: Limits, sandbox: Sandbox, work: Path):
         self.limits, self.sandbox, self.killed_for = limits, sandbox, ""
         self._ids = 0
-        to_kernel, from_grader = os.pipe()[::-1]
-        from_kernel, to_grader = os.pipe()
+        from_grader, to_kernel = os.pipe()  # the kernel reads requests from the first pipe
+        from_kernel, to_grader = os.pipe()  # and writes replies to the second
         config = json.dumps({"memory": limits.memory_mb * 2**20, "files": limits.files,
                              "file_size": limits.file_mb * 2**20,
                              "processes": limits.processes if sandbox.kind == "bwrap" else 0})
@@ -153,7 +153,7 @@ class KernelSession:
             if ready is None or ready[0].get("op") != "ready":
                 raise RuntimeError("the kernel did not start in time")
             if info_read is not None:  # the kernel is the only child of the sandbox's init
-                self.pid = next(pid for pid, (parent, _) in _processes().items() if parent == self.init)
+                self.pid = next((pid for pid, (parent, _) in _processes().items() if parent == self.init), self.init)
         except (OSError, RuntimeError, ValueError) as err:
             self.shutdown()
             raise RuntimeError(f"the kernel did not start ({err})") from None
@@ -189,7 +189,7 @@ class KernelSession:
         if self.sandbox.kind == "bwrap":
             for folder in ("tmp", "dev/shm"):
                 try:
-                    st = os.statvfs(f"/proc/{self.pid}/root/{folder}")
+                    st = os.statvfs(f"/proc/{self.init}/root/{folder}")
                     total += (st.f_blocks - st.f_bfree) * st.f_frsize
                 except OSError:
                     continue
