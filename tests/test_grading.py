@@ -723,3 +723,19 @@ def test_honest_answers_written_like_the_library_pass(tmp_path, ex_id):
     result = _kernel_call(tmp_path, ex, copy)
     assert result.status == "passed", result.message
     assert run_check(ex_id, copy, hidden=True).status == "passed"
+
+
+def test_an_io_error_is_the_submissions_note(tmp_path, monkeypatch):
+    from moe_lab.grading import runner
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner.tempfile, "TemporaryDirectory", broken)
+    stem = default_stem()
+    (tmp_path / "s.ipynb").write_text(json.dumps(Course(stem).exercise))
+    sub = grading.grade_files([(tmp_path / "s.ipynb", "s.ipynb")], seed=SEED, limits=Limits(),
+                              sandbox=Sandbox("none"), progress=False)[0]
+    assert sub.status == "graded" and "I/O error" in sub.notes[-1] and "No space left" in sub.notes[-1]
+    assert set(sub.results) == set(Course(stem).ids)
+    assert all("not graded" in r.message for r in sub.results.values())

@@ -253,6 +253,10 @@ def cached_build(prefix: str, exercises: list[Exercise], package: Path, root: Pa
     folder = root / _fingerprint(package)
     final = folder / prefix
     if (final / "moe_lab" / "__init__.py").exists():
+        try:
+            os.utime(folder)  # in use: not pruned
+        except OSError:
+            pass
         return final
     if not folder.exists():  # builds of other versions of the sources, unused for a day
         for old in root.glob("*") if root.exists() else []:
