@@ -483,3 +483,22 @@ def test_an_audit_hook_of_the_notebooks_is_tampering():
             "print(run_check('02.2', lambda l, k, r: topk_gating(l, k, r)).message)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert "added an audit hook" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_experiment_exercise_allows_its_parts_not_its_training_step(monkeypatch):
+    """04.5 may use the experiment's set-up, batches and evaluation and the layer, not the library's own step."""
+    from moe_lab.balancing import BalanceConfig, BalanceExperiment, train_router
+
+    seed_everything(0)
+    monkeypatch.setattr(REGISTRY["04.5"], "cases", lambda hidden: [Case("alpha=0.1, seed=0, steps=3", (0.1, 0, 3))])
+
+    def whole_step(alpha, seed, steps=100):
+        return train_router(BalanceConfig(alpha=alpha, seed=seed), steps)["max_over_mean"]
+
+    def library_step(alpha, seed, steps=100):
+        experiment = BalanceExperiment(BalanceConfig(alpha=alpha, seed=seed))
+        experiment.step(steps)
+        return experiment.evaluate()["max_over_mean"]
+
+    assert "called moe_lab.balancing.train_router" in run_check("04.5", whole_step).message
+    assert "called moe_lab.balancing.BalanceExperiment.step" in run_check("04.5", library_step).message

@@ -197,7 +197,7 @@ def _random_model() -> tuple[str, torch.nn.Module]:
     model upcycled on a random schedule."""
     name, layers = random.choice(sorted(TOY_PRESETS)), random.randint(1, 12)
     if name == "dense" and random.random() < 0.5:
-        every = random.choice([1, 2, 3])
+        every = random.randint(1, min(3, layers))
         model = upcycle(_named_model("dense", layers)[1], random.choice([2, 4, 8]), 2, moe_every=every)
         return f"dense with {layers} layers upcycled every {every}", model
     if name == "dense":

@@ -1,5 +1,6 @@
 """A corpus of submissions built from the course's current exercise and solution notebooks, with the grade each
-must get: correct, partially correct, and one per adversarial case the grader must survive.
+must get: correct, partially correct, one per adversarial case the grader must survive, and every attack of issue 22
+(:func:`attacks`: on the grader and on classmates, on the request, on the guard, on the answers).
 
 ``write(folder, corpus(Course(stem)))`` writes the files and returns ``{file name: Expected}``. Run as a script
 to write ``N`` varied submissions of one notebook for the benchmark:
@@ -488,7 +489,7 @@ def attacks(course: Course, paths: dict[str, str]) -> dict[str, tuple[dict, Expe
         "import textwrap\n"
         f"for name, ref in {refs!r}.items():\n    source = textwrap.dedent(inspect.getsource(eval(ref)))\n"
         "    exec(source.replace('def ' + eval(ref).__name__ + '(', 'def ' + name + '(', 1), globals())",
-        zero, {i: "not available while grading" for i in ids})
+        zero, {i: "raised" for i in ids})  # the source is the build's stub
     add("attack_lookup_table.ipynb",
         "from moe_lab.checks import REGISTRY\n_table = {}\n"
         f"for i in {ids!r}:\n    for hidden in (False, True):\n        try:\n"
