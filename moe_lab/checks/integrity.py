@@ -425,7 +425,7 @@ def keep_signal_handler(handler) -> None:
 
 
 def _foreign(handler) -> bool:
-    return callable(handler) and not any(handler is keep for keep in _KEEP_HANDLERS)
+    return callable(handler) and not any(handler == keep for keep in _KEEP_HANDLERS)  # ==: bound methods
 
 
 def _quiet_signals() -> dict | None:
