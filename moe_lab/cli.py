@@ -1,12 +1,13 @@
-"""The ``moe-lab`` command: ``moe-lab course ...`` (see :mod:`moe_lab.course`), ``moe-lab grade ...``
-(see :mod:`moe_lab.grading`)."""
+"""The ``moe-lab`` command: ``moe-lab course ...`` (see :mod:`moe_lab.course`), ``moe-lab grade ...`` and
+``moe-lab autograder NN`` (see :mod:`moe_lab.grading`)."""
 from __future__ import annotations
 
 import sys
 
 from . import course, grading
+from .grading import gradescope
 
-COMMANDS = {"course": course.main, "grade": grading.main}
+COMMANDS = {"course": course.main, "grade": grading.main, "autograder": gradescope.main}
 
 
 def main(argv: list[str] | None = None) -> int:

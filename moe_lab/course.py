@@ -4,8 +4,10 @@
     python -m moe_lab.course build --check    # exit 1 if exercises/ is stale
     python -m moe_lab.course execute [NB...]  # run notebooks/ and solutions/ in place, storing outputs
 
-Every notebook the tool writes carries the installed kernelspec (``KERNELSPEC``), so opening it in JupyterLab
-does not mark it modified. ``execute`` stores the widget state of every displayed widget (JupyterLab shows the
+Every notebook the tool writes carries the installed kernelspec (``KERNELSPEC``) and the kernel's ``language_info``
+(an exercise notebook: its solution's, stored by ``execute``), so opening it in JupyterLab with the Python that
+executed it does not mark it modified (JupyterLab replaces both with the running kernel's and marks the notebook
+modified when they differ, e.g. on another Python version). ``execute`` stores the widget state of every displayed widget (JupyterLab shows the
 dashboards of a trusted notebook from it, without a kernel) and gives each progress bar a text fallback that shows
 where it ended (an untrusted notebook shows the text, not the widget).
 
@@ -70,7 +72,9 @@ def exercise_notebook(solution: nbformat.NotebookNode, name: str) -> nbformat.No
             cell.outputs, cell.execution_count = [], None
     nb.metadata.pop("widgets", None)
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    nb.metadata["language_info"] = {"name": "python"}  # no interpreter version: exercises stay reproducible
+    # the kernel's language_info as the solution's execution stored it (JupyterLab writes the running kernel's over
+    # it and marks the notebook modified unless they are equal); the build stays a function of solutions/
+    nb.metadata["language_info"] = dict(solution.metadata.get("language_info") or {"name": "python"})
     nb.metadata["moe_lab"] = {
         "notebook": name,
         "role": "exercise",

@@ -1,5 +1,9 @@
-"""The lecture notebooks in a real browser: JupyterLab in headless Chromium (Debian's ``chromium``), driven by
-Playwright for Python with the system executable (no browser download; the network may be closed).
+"""The lecture and exercise notebooks in a real browser: JupyterLab in headless Chromium (Debian's ``chromium``),
+driven by Playwright for Python with the system executable (no browser download; the network may be closed).
+
+Every exercise notebook opens as a student meets it: unmodified once its kernel is up (JupyterLab writes the running
+kernel's ``language_info`` over the stored one and marks the notebook modified if they differ, which is why the
+course tool stores the solution's); one runs top to bottom with every check reporting TODO and no error output.
 
 For every lecture notebook with a widget: the stored notebook opens without being marked modified and shows each
 widget's static first render; after "run all" every widget renders live (no "Loading widget", no "Error
@@ -51,6 +55,7 @@ def _widget_notebooks() -> list[str]:
 
 
 NOTEBOOKS = _widget_notebooks()
+EXERCISES = sorted(p.name for p in (ROOT / "exercises").glob("[0-9][0-9]_*.ipynb"))
 
 
 def _server_url(runtime: Path, pid: int) -> str | None:
@@ -68,6 +73,7 @@ def lab(tmp_path_factory):
     free port (a port chosen here could be taken by another test's kernel before the server binds it)."""
     tmp = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", tmp / "notebooks")
+    shutil.copytree(ROOT / "exercises", tmp / "notebooks" / "exercises")
     (tmp / "app_settings").mkdir()
     (tmp / "app_settings" / "overrides.json").write_text(json.dumps(TEST_SETTINGS))
     token, runtime = uuid.uuid4().hex, tmp / "runtime"
@@ -304,3 +310,56 @@ def test_saved_notebook_reopens_with_its_dashboard(browser, lab):
         page.close()
         _shutdown_kernels(lab)
         _api(lab, "PUT", plugin, {"raw": "{}"})
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_exercise_notebook_opens_unmodified(browser, lab, name):
+    page = browser.new_page()
+    try:
+        _open(page, lab, f"exercises/{name}")
+        page.wait_for_timeout(1000)  # let the kernel's info settle
+        if page.evaluate(f"() => {NOTEBOOK_JS}.context.model.dirty"):
+            pytest.fail(f"{name} is marked modified on open: {_model_differences(page, lab, f'exercises/{name}')}")
+    finally:
+        page.close()
+        _shutdown_kernels(lab)
+
+
+def test_exercise_notebook_runs_as_a_student_meets_it(browser, lab):
+    """Run all on an untouched exercise notebook: every check says TODO, nothing raises, the header's hint() works."""
+    name = "exercises/" + EXERCISES[0]
+    page = browser.new_page()
+    try:
+        _open(page, lab, name)
+        page.evaluate("async () => { await jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        page.wait_for_timeout(500)
+        page.wait_for_function(ALL_RUN_JS, timeout=RUN_TIMEOUT_S * 1000, polling=500)
+        texts = _texts(page)
+        errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+        assert errors.count() == 0, "\n".join(errors.all_inner_texts())[:3000]
+        todo = [t for t in texts if t.startswith("[TODO]")]
+        nb = json.loads((lab["root"] / name).read_text())
+        assert len(todo) == len(nb["metadata"]["moe_lab"]["exercises"]), texts
+    finally:
+        page.close()
+        _shutdown_kernels(lab)
+
+
+def test_another_python_marks_an_exercise_notebook_modified_only_by_its_language_info(browser, lab):
+    """What the stored metadata cannot do: on another Python version JupyterLab writes that version's
+    ``language_info`` (and nothing else) and so marks the notebook modified once."""
+    name = "exercises/" + EXERCISES[0]
+    other = lab["root"] / "exercises" / "other_python.ipynb"
+    nb = json.loads((lab["root"] / name).read_text())
+    nb["metadata"]["language_info"]["version"] = "3.99.0"
+    other.write_text(json.dumps(nb))
+    page = browser.new_page()
+    try:
+        _open(page, lab, "exercises/other_python.ipynb")
+        page.wait_for_timeout(1000)
+        assert page.evaluate(f"() => {NOTEBOOK_JS}.context.model.dirty")
+        assert _model_differences(page, lab, "exercises/other_python.ipynb") == "metadata['language_info']"
+    finally:
+        page.close()
+        _shutdown_kernels(lab)
+        other.unlink()

@@ -31,9 +31,22 @@ def test_verdict_lines(capsys):
     check("01.1", lambda d, f, a: (_ for _ in ()).throw(NotImplementedError()))
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"\[PASS\] 01.1 ffn_params: all \d+ cases passed \(1/1 points\)", lines[0])
-    assert lines[1].startswith("[FAIL] 01.1 ffn_params: case 'd_model=16, d_ff=64, swiglu' failed: output: expected 3072, got 2048")
-    assert "Hint:" in lines[1]
-    assert lines[2] == "[TODO] 01.1 ffn_params: not implemented yet (0/1 points)"
+    assert lines[1] == "[FAIL] 01.1 ffn_params: (0/1 points)"
+    assert lines[2] == "    case 'd_model=16, d_ff=64, swiglu' failed: output: expected 3072, got 2048"
+    hint_at = next(i for i, line in enumerate(lines) if line.startswith("    Hint:"))
+    assert all(line.startswith("    ") for line in lines[2:hint_at + 1])
+    assert lines[-1] == "[TODO] 01.1 ffn_params: not implemented yet (0/1 points)"
+
+
+def test_failure_lines_are_wrapped_at_spaces():
+    """JupyterLab wraps a long output line anywhere (word-break: break-all): every line fits, words stay whole."""
+    result = run_check("02.2", lambda logits, k, renormalize: (logits.softmax(-1).topk(k)[0], logits.topk(k)[1]))
+    text = str(result)
+    assert text.splitlines()[0] == "[FAIL] 02.2 topk_gating: (0/2 points)"
+    assert all(len(line) <= 96 for line in text.splitlines()), text
+    words = lambda t: t.replace("\n", " ").split()  # noqa: E731
+    assert [w for w in words(text) if w not in ("[FAIL]", "02.2", "topk_gating:", "(0/2", "points)")] == \
+        words(result.message)
 
 
 def test_never_raises_on_broken_answers():
@@ -160,7 +173,7 @@ def toy(monkeypatch):
 def test_known_mistakes_are_named(toy):
     result = run_check("99.1", lambda logits, t: (logits * t).softmax(dim=-1))
     assert result.status == "failed"
-    assert "; this looks like multiplying by the temperature instead of dividing. Hint: divide" in result.message
+    assert "\nthis looks like multiplying by the temperature instead of dividing\nHint: divide" in result.message
     # the output is right but its gradient is not: the mistake whose gradient matches is named
     blocked = run_check("99.1", lambda logits, t: (logits / t).softmax(-1).detach() + logits - logits.detach())
     assert "gradient w.r.t. `logits` differs" in blocked.message
@@ -348,3 +361,144 @@ def test_starting_a_process_scores_zero():
         return logits
 
     assert "started a process (subprocess.Popen)" in run_check("02.2", spawns).message
+
+
+# ------------------------------------------------------------------------------------------ honest code, odd errors
+
+
+def test_student_code_that_compiles_like_the_library_is_not_library_code():
+    """A natural 11.5 (the reference's own name and generator expression: the same bytecode and qualified name)
+    passes; an exact copy of the reference's code object under another file name is still moe_lab's."""
+    from moe_lab.checks import nb11
+
+    def trainable_count(sizes, groups, recipe):
+        chosen = {"moe", "non_moe", "router"} if "all" in recipe else set(recipe)
+        trainable = {name for g in chosen for name in groups[g]}
+        return sum(size for name, size in sizes.items() if name in trainable)
+
+    assert run_check("11.5", trainable_count, hidden=True).status == "passed"
+    code = nb11.trainable_count.__code__
+    copy = types.FunctionType(code.replace(co_filename="/tmp/notebook.py"), nb11.trainable_count.__globals__)
+    assert "called moe_lab.checks.nb11.trainable_count" in run_check("11.5", copy).message
+
+
+def test_exceptions_that_break_their_own_description_never_break_the_check():
+    class Meta(type):
+        @property
+        def __name__(cls):
+            raise RuntimeError("no name")
+
+    class Weird(Exception, metaclass=Meta):
+        def __str__(self):
+            raise RuntimeError("no text")
+
+    class Base(BaseException):
+        pass
+
+    def weird(*args):
+        raise Weird()
+
+    def base(*args):
+        raise Base("not an Exception")
+
+    assert "raised Weird" in run_check("02.3", weird).message
+    assert "raised Base: not an Exception" in run_check("02.3", base).message
+
+
+def test_an_exception_names_the_line_of_the_students_own_code():
+    import linecache
+
+    source = "def helper(x):\n    return x @ x\n\ndef tokens_per_expert(experts, num_experts):\n    return helper(experts.float())\n"
+    linecache.cache["/tmp/student_cell.py"] = (len(source), None, source.splitlines(True), "/tmp/student_cell.py")
+    namespace = {"torch": torch}
+    exec(compile(source, "/tmp/student_cell.py", "exec"), namespace)
+    result = run_check("02.3", namespace["tokens_per_expert"])
+    assert "raised RuntimeError" in result.message
+    assert "(at student_cell.py, line 2: return x @ x)" in result.message, result.message
+
+
+def test_copies_must_be_new_tensors():
+    def views(w1, w3, w2, num_experts):
+        return tuple(w[None].expand(num_experts, *w.shape) for w in (w1, w3, w2))
+
+    def stacked(w1, w3, w2, num_experts):
+        return tuple(torch.stack([w] * num_experts) for w in (w1, w3, w2))
+
+    def same(w1, w3, w2, num_experts):  # E = 1 only: the input itself, as a view
+        return tuple(w.unsqueeze(0).repeat(num_experts, 1, 1) if num_experts > 1 else w.unsqueeze(0)
+                     for w in (w1, w3, w2))
+
+    assert run_check("11.1", stacked, hidden=True).status == "passed"
+    message = run_check("11.1", views).message
+    assert "output[0] has the right values but shares memory of its own elements" in message, message
+    assert "shares memory with the input `w1`" in run_check("11.1", same).message
+
+
+def test_the_checker_and_the_grader_use_the_notebooks_visible_cases():
+    for ex in REGISTRY.values():
+        if ex.id in ("04.5", "13.4", "13.5"):
+            continue  # slow references; the rule is in exercise_cases, the same for every exercise
+        visible = [c.name for c, hidden in __import__("moe_lab.checks.core", fromlist=["_"]).exercise_cases(ex, 99, True)
+                   if not hidden]
+        seed_everything(0)
+        assert visible == [c.name for c in ex.cases(False)], ex.id
+
+
+def test_a_signal_handler_cannot_run_the_reference_unseen():
+    """A handler can fire inside the profile hook, where calls are not seen: handlers are off during the call, and
+    one installed meanwhile is tampering."""
+    import signal
+
+    from moe_lab.checks.nb02 import topk_gating
+
+    fired = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: fired.append(topk_gating(torch.randn(3, 4), 2, True)))
+    try:
+        def raises_signal(logits, k, renormalize):
+            signal.raise_signal(signal.SIGUSR1)
+            return topk_gating.__wrapped__ if False else (logits.softmax(-1).topk(k)[0], logits.topk(k)[1])
+
+        run_check("02.2", raises_signal)
+        assert fired == []  # ignored during the call
+        assert callable(signal.getsignal(signal.SIGUSR1))  # and back afterwards
+
+        def installs(logits, k, renormalize):
+            signal.signal(signal.SIGUSR2, lambda *a: None)
+            return logits
+
+        assert "installed a signal handler" in run_check("02.2", installs).message
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+
+def test_an_audit_hook_of_the_notebooks_is_tampering():
+    """CPython runs audit hooks unprofiled: a notebook that adds one makes every later check report interference
+    (in a fresh interpreter: an audit hook cannot be removed)."""
+    import subprocess
+
+    code = ("import sys\nfrom moe_lab.checks import run_check\nfrom moe_lab.checks.nb02 import topk_gating\n"
+            "sys.addaudithook(lambda event, args: None)\n"
+            "print(run_check('02.2', lambda l, k, r: topk_gating(l, k, r)).message)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "added an audit hook" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_experiment_exercise_allows_its_parts_not_its_training_step(monkeypatch):
+    """04.5 may use the experiment's set-up, batches and evaluation and the layer, not the library's own step."""
+    from moe_lab.balancing import BalanceConfig, BalanceExperiment, train_router
+
+    seed_everything(0)
+    monkeypatch.setattr(REGISTRY["04.5"], "cases", lambda hidden: [Case("alpha=0.1, seed=0, steps=3", (0.1, 0, 3))])
+
+    def whole_step(alpha, seed, steps=100):
+        return train_router(BalanceConfig(alpha=alpha, seed=seed), steps)["max_over_mean"]
+
+    def library_step(alpha, seed, steps=100):
+        experiment = BalanceExperiment(BalanceConfig(alpha=alpha, seed=seed))
+        experiment.step(steps)
+        return experiment.evaluate()["max_over_mean"]
+
+    assert "called moe_lab.balancing.train_router" in run_check("04.5", whole_step).message
+    assert "called moe_lab.balancing.BalanceExperiment.step" in run_check("04.5", library_step).message

@@ -131,3 +131,14 @@ def test_stored_lecture_notebooks_hold_the_state_of_every_widget_they_show():
         texts = [out["data"]["text/plain"] for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
                  if WIDGET_VIEW in out.get("data", {})]
         assert not any(" 0%|" in text for text in texts), f"{path.name}: a stored progress bar shows 0%"
+
+
+def test_exercise_notebooks_carry_the_kernels_language_info():
+    """JupyterLab replaces the stored language_info with the running kernel's and marks the notebook modified if they
+    differ: an exercise stores its solution's (what ipykernel reported when it was executed), all of its fields."""
+    from ipykernel.ipkernel import IPythonKernel
+
+    for solution in sorted(ROOT.glob("solutions/[0-9]*.ipynb")):
+        stored = nbformat.read(ROOT / "exercises" / solution.name, as_version=4).metadata["language_info"]
+        assert stored == nbformat.read(solution, as_version=4).metadata["language_info"], solution.name
+        assert set(stored) == set(IPythonKernel.language_info), solution.name

@@ -74,3 +74,47 @@ def test_every_exercise_has_hidden_cases():
         visible = ex.cases(False)
         seed_everything(1000)
         assert len(ex.cases(True)) > len(visible) >= 1, ex_id
+
+
+EXERCISE_NOTEBOOKS = sorted((ROOT / "exercises").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_instruction_the_notebook_gives_runs(path, capsys):
+    """What the header tells a student to call (``hint("08.1")``), and the ``hint(...)`` a failing check line
+    points to, run after the notebook's first code cell (its imports) without a NameError."""
+    nb = nbformat.read(path, as_version=4)
+    namespace: dict = {}
+    exec(next(c.source for c in nb.cells if c.cell_type == "code"), namespace)
+    calls = re.findall(r"`([A-Za-z_]\w*\([^`]*\))`", nb.cells[0].source)
+    assert calls, "the header gives no call to run"
+    for ex_id in nb.metadata["moe_lab"]["exercises"]:
+        namespace["check"](ex_id, lambda *args, **kwargs: None)
+        calls += re.findall(r"(hint\('\d\d\.\d+'\))", capsys.readouterr().out)
+    for call in calls:
+        eval(call, namespace)
+        assert capsys.readouterr().out.startswith("Hint "), call
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("ex_id", sorted(REGISTRY))
+def test_hidden_cases_are_random(ex_id):
+    """A lookup table of the package's case builders does not score: the hidden cases differ from seed to seed."""
+    ex = REGISTRY[ex_id]
+    drawn = []
+    for seed in (1, 2):
+        seed_everything(seed + 1000)
+        drawn.append(ex.cases(True))
+    assert not all(_same((a.args, a.kwargs), (b.args, b.kwargs)) for a, b in zip(*drawn)), ex_id

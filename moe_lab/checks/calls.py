@@ -6,6 +6,9 @@ lists) before anything else looks at it, so a returned object cannot run code wh
 torch and the standard library, never ``moe_lab``)."""
 from __future__ import annotations
 
+import linecache
+import os
+import sys
 from typing import Any
 
 STUB_MESSAGE = "replace this line with your code"  # what an unfinished exercise raises (see course.py)
@@ -65,20 +68,90 @@ def plain(value: Any, budget: _Budget | None = None, depth: int = 0) -> Any:
     return {"__unsupported__": str(type(value).__name__)[:100]}
 
 
-def _text(err: BaseException) -> str:
+def _name(cls) -> str:
+    """A class's name, even when its metaclass makes ``__name__`` raise."""
     try:
-        return f"{type(err).__name__}: {err}"[:300]
-    except Exception:
-        return str(type(err).__name__)[:100]
+        return str(type.__dict__["__name__"].__get__(cls, type))[:100]
+    except BaseException:  # noqa: BLE001  (a broken class: checks never raise)
+        return "an exception"
+
+
+def _message(err: BaseException) -> str:
+    """``str(err)``, or ``""`` if that raises or is not text."""
+    try:
+        text = str(err)
+        return str.__str__(text) if isinstance(text, str) else ""
+    except BaseException:  # noqa: BLE001
+        return ""
+
+
+_LIBRARY_DIRS = tuple(os.path.join(os.path.realpath(p), "") for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}
+                      | {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+
+
+def _cell_label(filename: str) -> str:
+    """``Cell In[5]`` for a notebook cell (IPython's own label, as its tracebacks show it), else the file name."""
+    shell = getattr(sys.modules.get("IPython.core.getipython"), "get_ipython", lambda: None)()
+    try:
+        label = shell.compile.format_code_name(filename) if shell is not None else None
+    except Exception:  # noqa: BLE001  (a shell without cell names)
+        label = None
+    return " ".join(label) if label else os.path.basename(filename)
+
+
+def where(err: BaseException) -> str:
+    """Where in the student's own code ``err`` came from: the innermost frame of its traceback that is not in
+    ``moe_lab``, the checker, or an installed library (``"Cell In[5], line 3: y = x @ w"``); ``""`` if none."""
+    found, tb = None, getattr(err, "__traceback__", None)
+    try:
+        while tb is not None:
+            name = tb.tb_frame.f_code.co_filename
+            if not name.startswith("<frozen") and not os.path.realpath(name).startswith(_LIBRARY_DIRS):
+                found = (name, tb.tb_lineno)
+            tb = tb.tb_next
+        if found is None:
+            return ""
+        line = linecache.getline(found[0], found[1]).strip()
+        return f"{_cell_label(found[0])}, line {found[1]}" + (f": {line[:120]}" if line else "")
+    except Exception:  # noqa: BLE001  (checks never raise)
+        return ""
+
+
+def _text(err: BaseException) -> str:
+    """``"KeyError: 'x' (at Cell In[5], line 3: ...)"``: the exception, and where in the student's code it came
+    from. Never raises, whatever the exception does."""
+    message = _message(err)
+    text = f"{_name(type(err))}: {message}"[:300] if message else _name(type(err))
+    location = where(err)
+    return f"{text} (at {location})" if location else text
 
 
 FINAL = ("not_implemented", "raised", "too_large")  # a record with one of these fails whatever the reference
 
 
+def _view(got, args: list) -> list[int] | None:
+    """``[output index, argument index]`` of the first output tensor that shares memory with an argument
+    (``-1``: with itself, a stride of 0 as ``expand`` makes); ``None`` if every output is a tensor of its own."""
+    import torch
+
+    outs = got if isinstance(got, (tuple, list)) else [got]
+    for i, out in enumerate(outs):
+        if not isinstance(out, torch.Tensor):
+            continue
+        if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+            return [i, -1]
+        memory = out.untyped_storage().data_ptr()
+        for j, arg in enumerate(args):
+            if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() == memory:
+                return [i, j]
+    return None
+
+
 def run_case(fn, case: dict, guard) -> dict:
     """Call ``fn(*case["args"], **case["kwargs"])`` inside ``guard`` and record what happened (plain data):
     ``out``, and ``grads`` of ``sum(first output * case["weights"])`` w.r.t. the arguments ``case["grad_wrt"]``;
-    or ``not_implemented`` (a stub), ``raised`` (the exception), ``too_large``, ``grad_error``."""
+    or ``not_implemented`` (a stub), ``raised`` (the exception), ``too_large``, ``grad_error``; with
+    ``case["new_tensors"]``, ``view`` (see :func:`_view`)."""
     import torch
 
     args, rec = list(case["args"]), {}
@@ -88,14 +161,18 @@ def run_case(fn, case: dict, guard) -> dict:
         try:
             got = fn(*args, **case["kwargs"])
             rec["out"] = plain(got)
+            if case.get("new_tensors"):
+                rec["view"] = _view(got, args)
         except NotImplementedError as err:
-            if str(err) in ("", STUB_MESSAGE):
+            if _message(err) in ("", STUB_MESSAGE):
                 rec["not_implemented"] = True
             else:
                 rec["raised"] = _text(err)
         except TooLarge as err:
             rec["too_large"] = f"what it returned is too large: {err}"
-        except (Exception, SystemExit) as err:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # noqa: BLE001  (whatever the function raises is its verdict)
             rec["raised"] = _text(err)
         else:
             if case["grad_wrt"]:
@@ -106,15 +183,17 @@ def run_case(fn, case: dict, guard) -> dict:
 def _gradients(got, args: list, case: dict, rec: dict) -> None:
     import torch
 
-    out = got[0] if isinstance(got, (tuple, list)) and got else got
-    if not (isinstance(out, torch.Tensor) and out.requires_grad):
-        rec["grad_error"] = NOT_DIFFERENTIABLE
-        return
     try:
+        out = got[0] if isinstance(got, (tuple, list)) and got else got
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            rec["grad_error"] = NOT_DIFFERENTIABLE
+            return
         inputs = [args[i] for i in case["grad_wrt"]]
         grads = torch.autograd.grad((out * case["weights"].to(out.dtype)).sum(), inputs, allow_unused=True)
         rec["grads"] = [None if g is None else plain(g) for g in grads]
     except TooLarge as err:
         rec["grad_error"] = f"its gradients are too large: {err}"
-    except (Exception, SystemExit) as err:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001
         rec["grad_error"] = f"computing the gradients raised {_text(err)}"

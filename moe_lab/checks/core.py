@@ -11,6 +11,7 @@ import copy
 import inspect
 import math
 import reprlib
+import textwrap
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,6 +26,8 @@ integrity.trust(integrity.trusted_codes(vars(calls)))  # the calling code is the
 
 RULE = ("a graded function may not call into moe_lab (its references, its checks or its library code) unless "
         "its exercise allows it")
+GRADING_BUILD = False  # True in the grader's answer-free build of moe_lab (moe_lab.grading.build): no references
+WIDTH = 96             # verdict lines are wrapped at spaces to this width (JupyterLab wraps long lines mid-word)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Exercise:
     - ``mistakes``: known wrong variants, ``description -> function`` with the reference's signature; when the
       student's result on a failing case matches one (the checker's tolerances), the verdict says
       "this looks like <description>".
+    - ``new_tensors``: the outputs must be tensors of their own (not views of the inputs, nor ``expand``-ed).
     - ``allow``: the ``moe_lab`` code the student's function may call, as qualified names
       (``"moe_lab.routing.softmax_topk"``, ``"moe_lab.layer.MoELayer.forward"``) or prefixes of them (a module
       ``"moe_lab.balancing"`` or a class ``"moe_lab.layer.MoELayer"``); whatever such code calls in turn is
@@ -69,6 +73,7 @@ class Exercise:
     allow: tuple[str, ...] = ()
     rtol: float = 1e-5
     atol: float = 1e-6
+    new_tensors: bool = False
 
     def __post_init__(self):
         self.hints, self.allow = tuple(self.hints), tuple(self.allow)
@@ -114,7 +119,7 @@ REGISTRY: dict[str, Exercise] = {}
 def exercise(id: str, *, function: str, title: str, points: int, reference: Callable, hint: str, **options):
     """Decorator registering a case builder ``cases(hidden: bool) -> list[Case]`` as exercise ``id``.
 
-    ``options``: ``hints``, ``mistakes``, ``allow``, ``rtol``, ``atol`` (see :class:`Exercise`)."""
+    ``options``: ``hints``, ``mistakes``, ``allow``, ``rtol``, ``atol``, ``new_tensors`` (see :class:`Exercise`)."""
 
     def register(cases: Callable[[bool], list[Case]]) -> Callable[[bool], list[Case]]:
         if id in REGISTRY:
@@ -139,13 +144,18 @@ class CheckResult:
     message: str = ""
 
     def __str__(self) -> str:
+        """One line for a pass or a stub; for a failure, the verdict line then the reason, the known mistake it
+        looks like and the hint, each wrapped at spaces (a long line would wrap mid-word in JupyterLab)."""
         mark = {"passed": "PASS", "failed": "FAIL", "not implemented": "TODO"}.get(self.status, "ERROR")
-        head = f"[{mark}] {self.exercise_id} {self.function}: "
+        head = f"[{mark}] {self.exercise_id} {self.function}"
+        points = f"({self.points:g}/{self.max_points} points)"
         if self.status == "passed":
-            return head + f"all {self.total_cases} cases passed ({self.points:g}/{self.max_points} points)"
+            return f"{head}: all {self.total_cases} cases passed {points}"
         if self.status == "not implemented":
-            return head + f"not implemented yet (0/{self.max_points} points)"
-        return head + f"{self.message} (0/{self.max_points} points)"
+            return f"{head}: not implemented yet {points}"
+        body = [textwrap.fill(part, WIDTH, initial_indent="    ", subsequent_indent="    ", break_long_words=False,
+                              break_on_hyphens=False) for part in self.message.split("\n") if part]
+        return "\n".join([f"{head}: {points}", *body])
 
 
 # --------------------------------------------------------------------------------------------- describing values
@@ -332,10 +342,11 @@ class GradedCase:
 
 
 def exercise_cases(ex: Exercise, seed: int, hidden: bool) -> list[tuple[Case, bool]]:
-    """``(case, is_hidden)`` pairs: the visible cases, then (if ``hidden``) the hidden ones, for ``seed``."""
+    """``(case, is_hidden)`` pairs: the visible cases (always the notebook's: drawn from seed 0, as ``check`` draws
+    them), then (if ``hidden``) the hidden ones, drawn from ``seed``."""
     cases = []
     for is_hidden in (False, True) if hidden else (False,):
-        seed_everything(seed + (1000 if is_hidden else 0))
+        seed_everything(seed + 1000 if is_hidden else 0)
         cases += [(case, is_hidden) for case in ex.cases(is_hidden)]
     return cases
 
@@ -347,7 +358,7 @@ def graded_case(ex: Exercise, case: Case, hidden: bool) -> GradedCase:
 def case_input(item: GradedCase) -> dict:
     """What :func:`moe_lab.checks.calls.run_case` takes: fresh copies of the case's inputs and its cotangent."""
     return {"args": [_fresh(a) for a in item.case.args], "kwargs": _fresh(item.case.kwargs),
-            "grad_wrt": list(item.case.grad_wrt), "weights": item.ref.weights}
+            "grad_wrt": list(item.case.grad_wrt), "weights": item.ref.weights, "new_tensors": item.ex.new_tensors}
 
 
 # --------------------------------------------------------------------------------------------- judging
@@ -371,7 +382,7 @@ def _gradient_problem(ex: Exercise, item: GradedCase, expected_grads, rec: dict)
 
 
 def _looks_like(ex: Exercise, item: GradedCase, rec: dict, output_ok: bool) -> str:
-    """``"; this looks like <description>"`` if the failing result matches a known mistake, else ``""``."""
+    """``"\\nthis looks like <description>"`` if the failing result matches a known mistake, else ``""``."""
     if not ex.mistakes:
         return ""
     got = revive(rec.get("out"))
@@ -380,7 +391,7 @@ def _looks_like(ex: Exercise, item: GradedCase, rec: dict, output_ok: bool) -> s
             continue
         if output_ok and _gradient_problem(ex, item, answer.grads, rec) is not None:
             continue
-        return f"; this looks like {description}"
+        return f"\nthis looks like {description}"
     return ""
 
 
@@ -396,6 +407,12 @@ def judge_case(ex: Exercise, item: GradedCase, rec: dict) -> str | None:
     problem = compare(item.ref.expected, revive(rec.get("out")), ex.rtol, ex.atol)
     if problem:
         return problem + _looks_like(ex, item, rec, output_ok=False)
+    view = rec.get("view")
+    if ex.new_tensors and isinstance(view, list) and len(view) == 2 and all(isinstance(v, int) for v in view):
+        shared = "memory of its own elements (a stride of 0, as expand() makes)" if view[1] < 0 else \
+            f"memory with the input {ex.parameter(view[1])}"
+        return (f"output[{view[0]}] has the right values but shares {shared}: return new tensors (stack, repeat or "
+                "clone), so that changing one does not change another")
     if item.case.grad_wrt:
         problem = _gradient_problem(ex, item, item.ref.grads, rec)
         if problem:
@@ -404,9 +421,10 @@ def judge_case(ex: Exercise, item: GradedCase, rec: dict) -> str | None:
 
 
 def failure_message(ex: Exercise, item: GradedCase, problem: str, say_visible: bool = False) -> str:
+    """The reason, the known mistake it looks like and the hint, one per line (``CheckResult`` wraps them)."""
     kind = ("hidden " if item.hidden else "visible ") if say_visible else ""
     more = f" (more: hint({ex.id!r}))" if ex.hints else ""
-    return f"{kind}case '{item.case.name}' failed: {problem}. Hint: {ex.hint}{more}"
+    return f"{kind}case '{item.case.name}' failed: {problem}\nHint: {ex.hint}{more}"
 
 
 def integrity_message(ex: Exercise, violation: str | None, tamper: str | None) -> str:
@@ -429,6 +447,9 @@ def run_check(exercise_id: str, fn: Callable, *, hidden: bool = False, seed: int
     if ex is None:
         return CheckResult(exercise_id, "?", "error", 0, 0, 0, 0, f"unknown exercise id; known: {sorted(REGISTRY)}")
     result = CheckResult(ex.id, ex.function, "failed", 0, ex.points, 0, 0)
+    if GRADING_BUILD:
+        result.status, result.message = "error", "checked by the grader, outside this kernel"
+        return result
     if not callable(fn):
         result.message = f"expected a function named {ex.function}, got {type(fn).__name__}"
         return result
@@ -479,4 +500,5 @@ def hint(exercise_id: str, tier: int | None = None) -> None:
         raise ValueError(f"tier must be an int from 1 to {len(tiers)} for {exercise_id}, got {tier!r}")
     _REVEALED[exercise_id] = max(_REVEALED.get(exercise_id, 0), tier)
     last = " (the last one)" if tier == len(tiers) else f" (next: hint({exercise_id!r}))"
-    print(f"Hint {tier}/{len(tiers)} for {ex.id} {ex.function}{last}: {tiers[tier - 1]}")
+    print(textwrap.fill(f"Hint {tier}/{len(tiers)} for {ex.id} {ex.function}{last}: {tiers[tier - 1]}", WIDTH,
+                        subsequent_indent="    ", break_long_words=False, break_on_hyphens=False))

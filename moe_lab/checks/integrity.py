@@ -5,15 +5,20 @@ A :class:`Guard` is active around every call of a student's function (in ``check
 While it is, a profile hook (``sys.setprofile``, and in every thread started meanwhile) sees each Python call.
 When the code called is ``moe_lab``'s, the hook walks back through the calling frames: the call is fine if the code
 or one of its callers (up to the checker's own frames) is allowed, and otherwise it is a violation naming the
-entry point. Code is recognised as ``moe_lab``'s by its content, not by names the student controls: a
-:class:`CodeTable` compiles the package's source files and fingerprints every code object (bytecode, constants,
-names, qualified name), so a moe_lab function renamed, re-wrapped, rebuilt from its ``__code__`` with another file
-name or loaded from another copy of the package is still recognised; code that lies in the package but matches
-no fingerprint (changed since the table was built) is moe_lab code that no ``allow`` entry matches.
+entry point. Code is ``moe_lab``'s by where it was loaded from: a file of the package (a :class:`CodeTable` compiles
+the package's source files; code in them that matches none of their code objects, e.g. edited since, is moe_lab code
+that no ``allow`` entry matches), or an exact copy of one of the package's code objects (the same bytecode,
+constants, names, qualified name, first line and line table, e.g. a function rebuilt from a moe_lab function's
+``__code__`` with another file name). Student code that merely compiles to the same bytecode (a generator
+expression, a lambda, a one-liner written like the library's) is not moe_lab's: it was written elsewhere.
 
 Tampering is detected rather than prevented: an audit hook (``sys.addaudithook``, which cannot be removed) notices
-``sys.setprofile`` / ``sys.settrace`` calls and process creation while a guard is active, and a canary call at the
-end of each guarded region must reach the hook. What is not defended is listed in README.md ("Threat model").
+``sys.setprofile`` / ``sys.settrace`` calls, process creation and audit hooks added by the notebook (CPython runs
+them unprofiled), and a canary call at the end of each guarded region must reach the hook. Python signal handlers
+are switched off while a guard is active in the main thread (a handler can run inside the profile hook, where calls
+are not seen), and a handler installed meanwhile is tampering. What is not defended is listed in README.md
+("Threat model"); the grader runs each submission in a sandbox whose ``moe_lab`` holds no answers
+(:mod:`moe_lab.grading.build`), so this guard is defence in depth there and ``check``'s teacher in the notebook.
 
 This module imports only the standard library: the grader's kernel loads it from its file before any student
 code runs, without importing ``moe_lab``.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import _posixsubprocess
 import _thread
 import os
+import signal
 import sys
 import threading
 import types
@@ -37,10 +43,18 @@ _settrace, _gettrace = sys.settrace, sys.gettrace
 _get_ident = _thread.get_ident
 _start_new_thread = _thread.start_new_thread
 _fork_exec = _posixsubprocess.fork_exec
+_current_frames = sys._current_frames
+_MAIN_THREAD = threading.main_thread().ident  # captured when loaded: the notebook cannot move it later
+_signal, _getsignal = signal.signal, signal.getsignal
+_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+_KEEP_HANDLERS = [signal.default_int_handler]  # handlers that stay on during a call (see keep_signal_handler)
 
 
 def _fingerprint(code: types.CodeType) -> tuple:
-    return code.co_code, code.co_consts, code.co_names, code.co_varnames, code.co_qualname
+    """Everything that makes a code object this one: a copy matches, code written elsewhere does not (its first
+    line and line table differ even when its bytecode and names are the same)."""
+    return (code.co_code, code.co_consts, code.co_names, code.co_varnames, code.co_qualname, code.co_firstlineno,
+            code.co_linetable)
 
 
 def _code_objects(code: types.CodeType):
@@ -66,6 +80,7 @@ class CodeTable:
         self._names: dict[tuple, set[str]] = {}
         self._modules: dict[str, str | None] = {}  # file name -> module, None outside the package
         self._seen: dict[int, tuple] = {}           # id(code) -> (code, identify(code)): each code looked at once
+        self._module_names: set[str] = set()
         for folder, dirs, files in os.walk(self.package_dir):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             for file in sorted(f for f in files if f.endswith(".py")):
@@ -76,12 +91,17 @@ class CodeTable:
                 except (OSError, SyntaxError, ValueError):
                     continue
                 module = module_name(path, self.package_dir)
+                self._module_names.add(module)
                 for c in _code_objects(code):
                     self._names.setdefault(_fingerprint(c), set()).add(f"{module}.{c.co_qualname}")
 
     def names(self) -> set[str]:
         """The qualified name of every code object in the table."""
         return set().union(*self._names.values())
+
+    def modules(self) -> set[str]:
+        """The name of every module in the table."""
+        return set(self._module_names)
 
     def lookup(self, code: types.CodeType) -> tuple[str, bool] | None:
         """:meth:`identify`, remembered (the code object is kept, so its id is not reused)."""
@@ -95,23 +115,22 @@ class CodeTable:
         return kind
 
     def identify(self, code: types.CodeType) -> tuple[str, bool] | None:
-        """``(qualified name, genuine)`` if ``code`` is moe_lab's, else ``None``. ``genuine`` is False for code in
-        the package's files that matches none of their fingerprints (changed since the table was built, or
-        another function's code moved there): no ``allow`` entry matches it."""
+        """``(qualified name, genuine)`` if ``code`` is moe_lab's, else ``None``: code loaded from a file of the
+        package (``genuine`` if it is one of that file's code objects as built; code changed since, or moved there
+        from another function, is not genuine and no ``allow`` entry matches it), or an exact copy of one of the
+        package's code objects (relocated: genuine). Other code is not moe_lab's, whatever its bytecode."""
         module = self._modules.get(code.co_filename, False)
         if module is False:
             path = "" if code.co_filename.startswith("<") else os.path.realpath(code.co_filename)
             module = module_name(path, self.package_dir) if path.startswith(self._prefix) else None
             self._modules[code.co_filename] = module
-        here = f"{module}.{code.co_qualname}" if module else None
         names = self._names.get(_fingerprint(code))
-        if names:
-            if here in names:
-                return here, True
-            if here is None and len(names) == 1:  # moe_lab's code, relocated
-                return next(iter(names)), True
-            return here or min(names), False
-        return (here, False) if here else None
+        if module:
+            here = f"{module}.{code.co_qualname}"
+            return here, bool(names) and here in names
+        if names:  # moe_lab's code object itself, under another file name
+            return min(names), True
+        return None
 
 
 _TABLE: CodeTable | None = None
@@ -123,6 +142,32 @@ def package_table() -> CodeTable:
     if _TABLE is None:
         _TABLE = CodeTable(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return _TABLE
+
+
+_INSTALLED = tuple(os.path.join(os.path.realpath(p), "") for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+_installed: dict[str, bool] = {}
+
+
+def _is_installed(filename: str) -> bool:
+    """Code of the Python installation (the standard library, torch and the other installed packages)."""
+    found = _installed.get(filename)
+    if found is None:
+        found = _installed[filename] = filename.startswith("<frozen") or os.path.realpath(filename).startswith(
+            _INSTALLED)
+    return found
+
+
+def library_callers_only(name: str) -> None:
+    """In the grader's answer-free build (:mod:`moe_lab.grading.build`), the first statement of a function that
+    answers an exercise but that allowed library code needs: it runs only when its nearest caller outside the
+    Python installation is genuine moe_lab code, and raises otherwise."""
+    frame = sys._getframe(2)
+    while frame is not None and _is_installed(frame.f_code.co_filename):
+        frame = frame.f_back
+    kind = package_table().lookup(frame.f_code) if frame is not None else None
+    if not (kind and kind[1]):
+        raise RuntimeError(f"{name} is not available while grading, except to moe_lab's own code (the grader "
+                           "computes the answers outside this kernel)")
 
 
 def trusted_codes(*namespaces: dict) -> set[types.CodeType]:
@@ -160,6 +205,7 @@ class _State:
         self.all_threads = False           # every thread started gets the profiler (the grader's kernel)
         self.tampered: set[int] = set()    # threads that replaced it since
         self.audit = False
+        self.hooks_added: str | None = None  # an audit hook the notebook added (it runs unprofiled)
 
 
 _STATE = _State()
@@ -236,8 +282,14 @@ def _audit(event: str, args: tuple) -> None:
             return
         if _STATE.guard is not None:
             _STATE.guard._tamper(f"called {event}")
-        elif _STATE.all_threads and ident != threading.main_thread().ident:
+        elif _STATE.all_threads and ident != _MAIN_THREAD:
             _STATE.tampered.add(ident)
+    elif event == "sys.addaudithook":
+        if sys._getframe(1).f_code == _install.__code__:
+            return  # another copy of this module installing its hook (the notebook imported moe_lab.checks)
+        _STATE.hooks_added = _STATE.hooks_added or "added an audit hook (sys.addaudithook), which runs unprofiled"
+        if _STATE.guard is not None:
+            _STATE.guard._tamper(_STATE.hooks_added)
     elif event in PROCESS_EVENTS and _STATE.guard is not None:
         _STATE.guard._violate(f"started a process ({event})")
 
@@ -283,6 +335,7 @@ class Guard:
         self.tamper: str | None = None
         self._canary_seen = False
         self._saved: list[tuple] = []
+        self._signals: list[dict | None] = []
         self._owners_ran: set[str] = set()
 
     def _kind(self, code):
@@ -335,9 +388,12 @@ class Guard:
             self.tamper = what
 
     def __enter__(self) -> "Guard":
-        if _STATE.tampered & set(sys._current_frames()):
+        if _STATE.tampered & set(_current_frames()):
             self._tamper("a thread started by the notebook replaced the integrity check's profiler")
+        if _STATE.hooks_added:
+            self._tamper(_STATE.hooks_added)
         self._saved.append((_STATE.guard, _getprofile(), _gettrace()))
+        self._signals.append(_quiet_signals())
         if _STATE.depth == 0 and not _STATE.all_threads:
             _patch_threads(True)
         _STATE.depth += 1
@@ -358,3 +414,56 @@ class Guard:
         _STATE.depth -= 1
         if _STATE.depth == 0 and not _STATE.all_threads:
             _patch_threads(False)
+        if _restore_signals(self._signals.pop()):
+            self._tamper("installed a signal handler while being checked (a handler can run where the integrity "
+                         "check does not look)")
+
+
+def keep_signal_handler(handler) -> None:
+    """Let ``handler`` stay installed during guarded calls (the grader's kernel: its interrupt handler)."""
+    _KEEP_HANDLERS.append(handler)
+
+
+def _foreign(handler) -> bool:
+    return callable(handler) and not any(handler == keep for keep in _KEEP_HANDLERS)  # ==: bound methods
+
+
+def _quiet_signals() -> dict | None:
+    """In the main thread: ignore every signal that has a Python handler of the notebook's (Python's and the
+    grader's interrupt handlers stay, so a call that runs too long can be interrupted), remembering the handlers;
+    ``None`` elsewhere (only the main thread runs handlers)."""
+    if _get_ident() != _MAIN_THREAD:
+        return None
+    saved = {}
+    for number in _SIGNALS:
+        try:
+            handler = _getsignal(number)
+        except (OSError, ValueError):
+            continue
+        if _foreign(handler):
+            saved[number] = handler
+            _signal(number, signal.SIG_IGN)
+    return saved
+
+
+def _restore_signals(saved: dict | None) -> bool:
+    """Put back the handlers :func:`_quiet_signals` switched off; ``True`` if a Python handler was installed
+    meanwhile (it is removed)."""
+    if saved is None:
+        return False
+    changed = False
+    for number in _SIGNALS:
+        try:
+            handler = _getsignal(number)
+        except (OSError, ValueError):
+            continue
+        if _foreign(handler) and number not in saved:
+            changed = True
+            _signal(number, signal.SIG_IGN)
+        elif number in saved:
+            changed |= handler is not signal.SIG_IGN
+            _signal(number, saved[number])
+    return changed
+
+
+_install()  # from the import on (the whole module defined): an audit hook the notebook adds later is seen

@@ -9,7 +9,7 @@ import torch
 
 from ..finetune import GROUPS
 from ..layer import MoELayer
-from ..model import MoETransformer, toy_config
+from ..model import TOY_PRESETS, MoETransformer, toy_config
 from ..routing import sigmoid_topk, softmax_topk
 from ..upcycle import upcycle, upcycled_expert_weights, upcycled_router_weight
 from .core import Case, exercise, with_weights
@@ -37,10 +37,11 @@ def _w1_for_w3(w1, w3, w2, num_experts):
 
 
 @exercise("11.1", function="copy_ffn_into_experts", title="Copy a dense FFN into E experts", points=1,
-          reference=copy_ffn_into_experts,
+          reference=copy_ffn_into_experts, new_tensors=True,
           hint="every expert is the dense FFN itself: stack num_experts copies of each matrix along a new first "
                "dimension, unscaled",
-          hints=("the output shapes are [E, d_model, d_ff], [E, d_model, d_ff] and [E, d_ff, d_model]",
+          hints=("the output shapes are [E, d_model, d_ff], [E, d_model, d_ff] and [E, d_ff, d_model]; each expert "
+                 "needs memory of its own (w[None].expand(E, ...) only makes E views of one matrix)",
                  "torch.stack([w] * num_experts) (or w.repeat(num_experts, 1, 1) on w[None]) for each of w1, w3, w2"),
           mistakes={"experts scaled by 1/E (the gates already sum to 1)": _divided_by_e,
                     "w1 copied into w3": _w1_for_w3})
@@ -83,7 +84,8 @@ def _all_experts(logits, k, score_func, renormalize):
                "selected experts exactly as the router would, and add them up",
           hints=("softmax: probabilities over all E experts, keep the top k, divide by their sum only if "
                  "renormalize; sigmoid: sigmoid(logits), keep the top k, divide by their sum only if renormalize "
-                 "and k > 1 (a top-1 sigmoid gate stays s_i, as in DeepSeek-V3)",
+                 "and k > 1 (this course's convention: a top-1 sigmoid gate stays s_i; DeepSeek-V3 itself routes "
+                 "to 8 experts and always normalises)",
                  "work in float32: logits.float()"),
           mistakes={"the top-1 sigmoid gate renormalised to 1": _sigmoid_always_renormalised,
                     "renormalize ignored (always renormalised)": _ignores_renormalize,
@@ -190,6 +192,20 @@ def _named_model(name: str, n_layers: int, **overrides) -> tuple[str, MoETransfo
     return f"{name}, {n_layers} layers", model
 
 
+def _random_model() -> tuple[str, torch.nn.Module]:
+    """A toy model drawn at random: any preset, 1 to 12 layers, every layer or every other one MoE; or a dense
+    model upcycled on a random schedule."""
+    name, layers = random.choice(sorted(TOY_PRESETS)), random.randint(1, 12)
+    if name == "dense" and random.random() < 0.5:
+        every = random.randint(1, min(3, layers))
+        model = upcycle(_named_model("dense", layers)[1], random.choice([2, 4, 8]), 2, moe_every=every)
+        return f"dense with {layers} layers upcycled every {every}", model
+    if name == "dense":
+        return _named_model(name, layers)
+    every = random.choice([1, 2])
+    return f"{name}, {layers} layers, MoE every {every}", _named_model(name, layers, moe_every=every)[1]
+
+
 @exercise("11.4", function="group_parameters", title="Parameter groups: moe, non_moe, router", points=2,
           reference=group_parameters,
           hint="a parameter is in `moe` when it lives inside an MoE layer (its name starts with that layer's name "
@@ -203,9 +219,8 @@ def _named_model(name: str, n_layers: int, **overrides) -> tuple[str, MoETransfo
 def _group_cases(hidden: bool) -> list[Case]:
     models = [_named_model("glam", 4), _named_model("deepseek_v1", 3)]
     if hidden:
-        models += [_named_model("dense", 2), _named_model("mixtral", 12), _named_model("deepseek_v3", 4),
-                   _named_model("mixtral", 11, router="noisy_topk", moe_every=2),
-                   ("upcycled every other layer of 12", upcycle(_named_model("dense", 12)[1], 4, 2, moe_every=2))]
+        models += [_named_model("dense", 2), _named_model("mixtral", 11, router="noisy_topk", moe_every=2),
+                   *(_random_model() for _ in range(4))]
     return [Case(name, model_names(model)) for name, model in models]
 
 
@@ -242,11 +257,16 @@ def _sizes_and_groups(model: torch.nn.Module) -> tuple[dict[str, int], dict[str,
           mistakes={"a parameter in two chosen groups counted twice": _overlaps_twice,
                     "counted parameter tensors instead of their elements": _counts_tensors})
 def _count_cases(hidden: bool) -> list[Case]:
-    recipes = [["non_moe"], ["moe"], ["all"]] + ([["router"], ["moe", "router"], ["router", "non_moe"],
-                                                   ["non_moe", "moe"]] if hidden else [])
-    models = [_named_model("deepseek_v1", 3)] + ([_named_model("glam", 4), _named_model("dense", 2)] if hidden else [])
-    return [Case(f"{name}, recipe {recipe}", (*_sizes_and_groups(model), recipe))
-            for name, model in models for recipe in recipes]
+    recipes = [["non_moe"], ["moe"], ["all"]]
+    models = [_named_model("deepseek_v1", 3)]
+    cases = [Case(f"{name}, recipe {recipe}", (*_sizes_and_groups(model), recipe)) for name, model in models
+             for recipe in recipes]
+    if hidden:  # random models and random recipes (a group may repeat, "all" may come with others)
+        for _ in range(6):
+            name, model = _random_model()
+            recipe = random.sample([*GROUPS, "all", random.choice(GROUPS)], random.randint(1, 3))
+            cases.append(Case(f"{name}, recipe {recipe}", (*_sizes_and_groups(model), recipe)))
+    return cases
 
 
 # ------------------------------------------------------------------------------------------------ 11.6

@@ -114,7 +114,7 @@ def _stats_cases(hidden: bool) -> list[Case]:
              _routing_case("N=50, C=3, E=8, k=1, no preference", 50, 3, 8, 1, 0.0)]
     if hidden:
         cases += [_routing_case("N=1000, C=6, E=8, k=2", 1000, 6, 8, 2, 3.0),
-                  _routing_case("N=64, C=6, E=16, k=4 (some classes empty)", 5, 6, 16, 4, 1.0),
+                  _routing_case("N=5, C=6, E=16, k=4 (some classes empty)", 5, 6, 16, 4, 1.0),
                   Case("every class on its own expert (MI = log 4)", (torch.arange(40) % 4, (torch.arange(40) % 4)[:, None],
                                                                      4, 4)),
                   _routing_case("one token", 1, 3, 4, 2, 0.0)]

@@ -1,28 +1,28 @@
-"""The call protocol, grader side: write the cases for a kernel, ask it to run them (an audit event served by
-:mod:`moe_lab.grading.launcher`), and read its reply without trusting it.
+"""The call protocol, grader side: frames over the two pipes the grader created for a kernel (see
+:mod:`moe_lab.grading.launcher`), written and read with a deadline and without trusting what comes back.
 
-Reading a reply is bounded before anything is materialised: the file must be a regular file (opened without
-following links and without blocking, so a FIFO cannot hang the grader) of at most ``MAX_REPLY_BYTES``; its
-signature must verify; the records must be an uncompressed ``torch.save`` archive whose pickle is small, loaded
-with ``weights_only=True`` (data, never code); and the loaded structure is walked with a budget on values,
-nesting and tensor elements that counts a shared reference every time it appears.
+Reading is bounded before anything is materialised: a frame's header is at most ``MAX_HEADER_BYTES`` and its payload
+``MAX_REPLY_BYTES``; a reply's records must be an uncompressed ``torch.save`` archive whose pickle is small, loaded
+with ``weights_only=True`` (data, never code); and the loaded structure is walked with a budget on values, nesting
+and tensor elements that counts a shared reference every time it appears. The grader never opens a path the kernel
+can write.
 """
 from __future__ import annotations
 
-import hmac
 import io
 import json
 import os
+import select
 import stat
+import time
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checks.calls import MAX_DEPTH, MAX_ELEMENTS, MAX_ITEMS
 from ..checks.core import GradedCase, case_input
-from .launcher import CALL_EVENT, sign
+from .launcher import FRAME, encode
 
 MAX_REPLY_BYTES = 128 * 2**20
 MAX_HEADER_BYTES = 2**16
@@ -30,25 +30,82 @@ MAX_PICKLE_BYTES = 4 * 2**20
 
 
 class BadReply(ValueError):
-    """The reply is missing, unreadable or too large (``signed``: it came from the launcher, the records did not
-    pass), or not signed by the kernel's launcher."""
-
-    def __init__(self, message: str, signed: bool = False):
-        super().__init__(message)
-        self.signed = signed
+    """The records a kernel sent back are not plain data within the bounds."""
 
 
-def save_cases(cases: list[GradedCase], path: Path) -> None:
-    torch.save([case_input(item) for item in cases], path)
+class ChannelClosed(OSError):
+    """The kernel's end of the pipes is gone (it died) or sent something that is not a frame."""
 
 
-def request(function: str, cases_path: Path, out_path: Path, nonce: str, allow: tuple[str, ...]) -> str:
-    """The code the kernel runs for one graded call."""
-    args = ", ".join(repr(a) for a in (function, str(cases_path), str(out_path), nonce, tuple(allow)))
-    return f'__import__("sys").audit({CALL_EVENT!r}, globals(), {args})\n'
+def cases_payload(cases: list[GradedCase]) -> bytes:
+    """What a kernel's call takes: the cases' inputs and cotangents, ``torch.save``'d."""
+    buffer = io.BytesIO()
+    torch.save([case_input(item) for item in cases], buffer)
+    return buffer.getvalue()
 
 
-def read_bounded(path: Path, limit: int) -> bytes:
+def write_frame(fd: int, header: dict, payload: bytes, deadline: float) -> None:
+    """Send a frame; ``TimeoutError`` if the kernel does not read it by ``deadline``, ``ChannelClosed`` if its end
+    is gone."""
+    data = memoryview(encode(header, payload))
+    while data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the kernel did not read the request")
+        _, ready, _ = select.select([], [fd], [], min(left, 0.5))
+        if ready:
+            try:
+                data = data[os.write(fd, data[:1 << 16]):]
+            except (BrokenPipeError, OSError) as err:
+                raise ChannelClosed(f"the kernel's end of the pipe is closed ({err})") from None
+
+
+class Reader:
+    """Reads frames from a non-blocking pipe, across several deadlines (a reply can arrive in pieces)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.buffer = fd, bytearray()
+        os.set_blocking(fd, False)
+
+    def _fill(self, deadline: float, need: int) -> bool:
+        while len(self.buffer) < need:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
+            if not ready:
+                continue
+            try:
+                chunk = os.read(self.fd, min(need - len(self.buffer), 1 << 20))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise ChannelClosed("the kernel closed its end of the pipe (it died)")
+            self.buffer += chunk
+        return True
+
+    def read(self, deadline: float) -> tuple[dict, bytes] | None:
+        """The next whole frame, or ``None`` if ``deadline`` passes first."""
+        if not self._fill(deadline, FRAME.size):
+            return None
+        head, size = FRAME.unpack(bytes(self.buffer[:FRAME.size]))
+        if head > MAX_HEADER_BYTES or size > MAX_REPLY_BYTES:
+            raise ChannelClosed(f"the kernel sent a frame of {head + size} bytes (the limit is "
+                                f"{MAX_REPLY_BYTES // 2**20} MB): not the grader's protocol")
+        if not self._fill(deadline, FRAME.size + head + size):
+            return None
+        data = bytes(self.buffer[:FRAME.size + head + size])
+        del self.buffer[:FRAME.size + head + size]
+        try:
+            header = json.loads(data[FRAME.size:FRAME.size + head])
+            if not isinstance(header, dict):
+                raise ValueError
+        except (ValueError, RecursionError):
+            raise ChannelClosed("the kernel sent a frame that is not the grader's protocol") from None
+        return header, data[FRAME.size + head:]
+
+
+def read_bounded(path, limit: int) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; ``OSError``/``ValueError`` otherwise (a FIFO, a
     device, a link or a folder is refused without blocking)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
@@ -77,16 +134,16 @@ def _check_archive(body: bytes) -> None:
         archive = zipfile.ZipFile(io.BytesIO(body))
         infos = archive.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as err:
-        raise BadReply(f"the records are not a torch archive ({type(err).__name__})", signed=True) from None
+        raise BadReply(f"the records are not a torch archive ({type(err).__name__})") from None
     total = 0
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
-            raise BadReply("the records archive is compressed (torch.save never compresses)", signed=True)
+            raise BadReply("the records archive is compressed (torch.save never compresses)")
         if info.filename.endswith("data.pkl") and info.file_size > MAX_PICKLE_BYTES:
-            raise BadReply(f"the records' structure is larger than {MAX_PICKLE_BYTES // 2**20} MB", signed=True)
+            raise BadReply(f"the records' structure is larger than {MAX_PICKLE_BYTES // 2**20} MB")
         total += info.file_size
     if total > len(body):
-        raise BadReply("the records archive claims more data than it holds", signed=True)
+        raise BadReply("the records archive claims more data than it holds")
 
 
 def check_structure(value: Any, cases: int) -> None:
@@ -97,11 +154,11 @@ def check_structure(value: Any, cases: int) -> None:
     def walk(v: Any, depth: int) -> None:
         budget["items"] -= 1
         if budget["items"] < 0 or depth > MAX_DEPTH + 4:
-            raise BadReply("the records hold too many values or are nested too deeply", signed=True)
+            raise BadReply("the records hold too many values or are nested too deeply")
         if isinstance(v, torch.Tensor):
             budget["elements"] -= v.numel()
             if budget["elements"] < 0 or v.layout != torch.strided or v.device.type != "cpu":
-                raise BadReply("the records hold tensors that are too large or not plain CPU tensors", signed=True)
+                raise BadReply("the records hold tensors that are too large or not plain CPU tensors")
         elif isinstance(v, (list, tuple)):
             for x in v:
                 walk(x, depth + 1)
@@ -110,38 +167,24 @@ def check_structure(value: Any, cases: int) -> None:
                 walk(k, depth + 1)
                 walk(x, depth + 1)
         elif not (v is None or isinstance(v, (bool, int, float, str))):
-            raise BadReply(f"the records hold a {type(v).__name__}", signed=True)
+            raise BadReply(f"the records hold a {type(v).__name__}")
         elif isinstance(v, str) and len(v) > 10**6:
-            raise BadReply("the records hold a string that is too long", signed=True)
+            raise BadReply("the records hold a string that is too long")
 
     walk(value, 0)
 
 
-def read_reply(path: Path, key: bytes, nonce: str, cases: int) -> dict:
-    """The verified reply: ``{"nonce", "integrity": {"violation", "tamper"}, "missing"?, "records"?}``."""
+def read_reply(header: dict, body: bytes, cases: int) -> dict:
+    """The checked reply to a call: ``{"integrity": {"violation", "tamper"}, "missing"?, "records"?}``."""
+    reply = {"integrity": header.get("integrity") if isinstance(header.get("integrity"), dict) else {}}
+    if "missing" in header:
+        reply["missing"] = str(header["missing"])[:100]
+        return reply
+    _check_archive(body)
     try:
-        data = read_bounded(path, MAX_REPLY_BYTES)
-    except FileNotFoundError:
-        raise BadReply("no reply") from None
-    except (OSError, ValueError) as err:
-        raise BadReply(f"its reply file is unusable ({err})") from None
-    line, _, body = data.partition(b"\n")
-    try:
-        if len(line) > MAX_HEADER_BYTES:
-            raise ValueError
-        header = json.loads(line)
-        if not (isinstance(header, dict) and isinstance(header.get("mac"), str) and header["mac"].isascii()):
-            raise ValueError
-    except ValueError:
-        raise BadReply("its reply is not signed") from None
-    if not hmac.compare_digest(header["mac"], sign(key, header, body)) or header.get("nonce") != nonce:
-        raise BadReply("its reply is not signed by the grader's launcher")
-    if "missing" not in header:
-        _check_archive(body)
-        try:
-            records = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
-        except Exception as err:  # data that is not plain data
-            raise BadReply(f"its records could not be loaded as plain data ({type(err).__name__})", signed=True) from None
-        check_structure(records, cases)
-        header["records"] = records
-    return header
+        records = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
+    except Exception as err:  # data that is not plain data
+        raise BadReply(f"its records could not be loaded as plain data ({type(err).__name__})") from None
+    check_structure(records, cases)
+    reply["records"] = records
+    return reply

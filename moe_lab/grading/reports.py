@@ -22,14 +22,22 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run as a formula
+
+
 def _cell(text: str) -> str:
+    """A text cell: at most ``MAX_CELL`` characters, and never a formula (a leading ``'`` keeps it text, as
+    OWASP's CSV-injection advice says)."""
+    if text.startswith(FORMULA_STARTS):
+        text = "'" + text
     if len(text) <= MAX_CELL:
         return text
     return text[: MAX_CELL - 60] + " ... (cut here: the feedback file has every note)"
 
 
 def write_csv(subs: list[Submission], path: Path) -> None:
-    """One row per submission, sorted by its label (UTF-8; no cell longer than ``MAX_CELL`` characters)."""
+    """One row per submission, sorted by its label (UTF-8; no cell longer than ``MAX_CELL`` characters, none
+    that a spreadsheet reads as a formula)."""
     columns = exercise_columns(subs)
     with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.writer(f)
@@ -37,7 +45,7 @@ def write_csv(subs: list[Submission], path: Path) -> None:
         for s in sorted(subs, key=lambda s: s.label):
             points = [_num(s.results[c].points) if c in s.results else "" for c in columns]
             max_total = "" if s.max_total is None else s.max_total
-            writer.writerow([_cell(s.label), s.notebook, s.status, *points, _num(s.total), max_total,
+            writer.writerow([_cell(s.label), _cell(s.notebook), s.status, *points, _num(s.total), max_total,
                              _cell("; ".join(s.notes))])
 
 

@@ -1,9 +1,9 @@
-"""Running submissions: find the files, read and identify each notebook, execute its code cells in a kernel
-(replaying it in a fresh one when a cell hangs or kills the kernel), and grade each exercise with one call."""
+"""Running submissions: find the files, read and identify each notebook, execute its code cells in a kernel in
+its sandbox (replaying it in a fresh one when a cell hangs or kills the kernel), and grade each exercise with one
+call."""
 from __future__ import annotations
 
 import os
-import secrets
 import tempfile
 import threading
 import time
@@ -15,9 +15,11 @@ from ..checks import REGISTRY
 from ..checks.core import CheckResult, Exercise, GradedCase
 from ..course import CHECK_CALL
 from . import protocol
+from .build import cached_build
 from .judge import reference_cases, verdict
 from .kernel import PACKAGE, KernelSession, Limits
 from .protocol import BadReply
+from .sandbox import Sandbox
 
 ROOT = PACKAGE.parent
 MAX_RESTARTS = 3          # fresh kernels per submission after a cell or a call hangs or kills the kernel
@@ -128,8 +130,9 @@ def _cell_name(i: int, source: str) -> str:
 class _Runner:
     """Executes one submission's cells, replaying them in a fresh kernel when a cell hangs or kills it."""
 
-    def __init__(self, cells: list[str], work: Path, private: Path, limits: Limits, sub: Submission):
-        self.cells, self.work, self.private, self.limits, self.sub = cells, work, private, limits, sub
+    def __init__(self, cells: list[str], build: Path, work: Path, limits: Limits, sandbox: Sandbox,
+                 sub: Submission):
+        self.cells, self.build, self.work, self.limits, self.sandbox, self.sub = cells, build, work, limits, sandbox, sub
         self.deadline = time.monotonic() + limits.total
         self.skip: set[int] = set()
         self.reported: set[int] = set()  # cells whose error is already noted (re-runs repeat them)
@@ -147,9 +150,9 @@ class _Runner:
             self.close()
             self.kernels_left -= 1
             try:
-                self.session = KernelSession(self.work, self.limits, self.private)
+                self.session = KernelSession(self.build, self.limits, self.sandbox, self.work)
             except Exception as err:  # no kernel: the submission still gets its row
-                self._event("crashed", f"the kernel did not start: {err}")
+                self._event("crashed", str(err))
                 return False
             fatal = self._run_cells()
             if fatal is None:
@@ -168,7 +171,7 @@ class _Runner:
                 self._event("timeout", f"total time limit of {self.limits.total:g} s reached before "
                                        f"{_cell_name(i, source)}; later cells were not run")
                 return None
-            outcome = self.session.run(source, min(self.limits.cell, left))
+            outcome = self.session.run(source, min(self.limits.cell, left), cell=i + 1)
             name = _cell_name(i, source)
             if outcome.kind == "error" and i not in self.reported:
                 self.reported.add(i)
@@ -186,16 +189,13 @@ class _Runner:
                 return i
         return None
 
-    def call(self, ex: Exercise, cases: list[GradedCase], cases_path: Path, out_path: Path) -> tuple[dict | None, str]:
-        """Call the student's function for ``ex`` on the cases in ``cases_path``: (verified reply, problem)."""
+    def call(self, ex: Exercise, cases: list[GradedCase], payload: bytes) -> tuple[dict | None, str]:
+        """Call the student's function for ``ex`` on the cases (``payload``): (checked reply, problem)."""
         if self.session is None or not self.session.alive():
             if self.deadline <= time.monotonic() or not self.start():
                 return None, "not graded: no working kernel was left for it"
-        out_path.unlink(missing_ok=True)
         self.session.kill_strays()
-        nonce = secrets.token_hex(16)
-        outcome = self.session.run(protocol.request(ex.function, cases_path, out_path, nonce, ex.allow),
-                                   self.limits.call)
+        outcome = self.session.call(ex.function, ex.allow, payload, self.limits.call)
         if outcome.kind in ("hung", "dead"):
             death = self.session.death()
             self.close()
@@ -204,15 +204,12 @@ class _Runner:
             return None, f"calling {ex.function} on the grader's cases {what}"
         if outcome.kind == "timeout":
             return None, f"calling {ex.function} on the grader's cases took longer than {self.limits.call:g} s"
+        if outcome.header.get("op") != "called":
+            return None, f"the grader could not call {ex.function} in your kernel ({outcome.ename or 'no reply'})"
         try:
-            return protocol.read_reply(out_path, self.session.key, nonce, len(cases)), ""
+            return protocol.read_reply(outcome.header, outcome.payload, len(cases)), ""
         except BadReply as err:
-            if err.signed:
-                return None, f"the grader could not use what {ex.function} returned: {err}"
-            if outcome.kind == "error":
-                return None, f"the grader could not call {ex.function} in your kernel ({outcome.ename or err})"
-            return None, (f"the grader's call of {ex.function} was interfered with ({err}): did the notebook replace "
-                          "sys.audit or the kernel's machinery?")
+            return None, f"the grader could not use what {ex.function} returned: {err}"
 
     def close(self) -> None:
         if self.session is not None:
@@ -241,26 +238,30 @@ def prepare(path: Path, label: str, notebooks: dict[str, str], prefix: str | Non
     return sub, nb
 
 
-def grade_submission(sub: Submission, nb: dict, refs: dict[str, list[GradedCase]], limits: Limits) -> Submission:
-    """Run a prepared submission's notebook in a fresh kernel and grade each of its exercises with ``refs``
-    (exercise id -> reference cases); fills in and returns ``sub``."""
+def grade_submission(sub: Submission, nb: dict, refs: dict[str, list[GradedCase]], payloads: dict[str, bytes],
+                     build: Path, limits: Limits, sandbox: Sandbox) -> Submission:
+    """Run a prepared submission's notebook in a fresh kernel (in ``sandbox``, with the answer-free ``moe_lab`` in
+    ``build``) and grade each of its exercises with ``refs`` (exercise id -> reference cases; ``payloads``: their
+    inputs as the kernel takes them); fills in and returns ``sub``. An I/O error of the grader's is this
+    submission's note: its exercises not graded yet say so."""
     start = time.monotonic()
     cells, notes = code_cells(nb)
     sub.notes += notes
-    with tempfile.TemporaryDirectory(prefix="moe_lab_grade_") as tmp:
-        grader, work = Path(tmp) / "grader", Path(tmp) / "work"
-        grader.mkdir(mode=0o700)
-        work.mkdir()
-        runner = _Runner(cells, work, grader, limits, sub)
-        try:
-            runner.start()
-            for ex in exercises_of(sub.notebook[:2]):
-                cases_path = grader / f"cases_{ex.id}.pt"
-                protocol.save_cases(refs[ex.id], cases_path)
-                reply, problem = runner.call(ex, refs[ex.id], cases_path, grader / f"out_{ex.id}.pt")
-                sub.results[ex.id] = verdict(ex, refs[ex.id], reply, problem)
-        finally:
-            runner.close()
+    exercises = exercises_of(sub.notebook[:2])
+    try:
+        with tempfile.TemporaryDirectory(prefix="moe_lab_grade_") as tmp:
+            runner = _Runner(cells, build, Path(tmp), limits, sandbox, sub)
+            try:
+                runner.start()
+                for ex in exercises:
+                    reply, problem = runner.call(ex, refs[ex.id], payloads[ex.id])
+                    sub.results[ex.id] = verdict(ex, refs[ex.id], reply, problem)
+            finally:
+                runner.close()
+    except OSError as err:
+        sub.notes.append(f"the grader hit an I/O error on this submission ({err}); rerun it")
+        for ex in exercises:
+            sub.results.setdefault(ex.id, verdict(ex, refs[ex.id], None, "not graded: the grader hit an I/O error"))
     sub.seconds = time.monotonic() - start
     return sub
 
@@ -295,21 +296,23 @@ def collect(inputs: list[Path]) -> list[tuple[Path, str]]:
     return sorted(unique, key=lambda pair: pair[1])
 
 
-def grade_files(files: list[tuple[Path, str]], *, seed: int, limits: Limits, jobs: int = 1,
+def grade_files(files: list[tuple[Path, str]], *, seed: int, limits: Limits, sandbox: Sandbox, jobs: int = 1,
                 prefixes: dict[str, str] | None = None, progress: bool = True) -> list[Submission]:
-    """Grade ``(path, label)`` pairs, ``jobs`` at a time; ``prefixes`` (label -> notebook prefix) overrides
-    identification. Always one ``Submission`` per file, in the order given."""
+    """Grade ``(path, label)`` pairs, ``jobs`` at a time, each kernel in its own ``sandbox``; ``prefixes``
+    (label -> notebook prefix) overrides identification. Always one ``Submission`` per file, in the order given."""
     notebooks = course_notebooks()
     prepared = [prepare(path, label, notebooks, (prefixes or {}).get(label)) for path, label in files]
     present = sorted({sub.notebook[:2] for sub, nb in prepared if nb is not None})
+    builds = {p: cached_build(p, exercises_of(p), PACKAGE) for p in present}
     refs = {ex.id: reference_cases(ex, seed) for p in present for ex in exercises_of(p)}  # before any thread
+    payloads = {ex_id: protocol.cases_payload(cases) for ex_id, cases in refs.items()}
     done, lock = [0], threading.Lock()
 
     def one(item: tuple[Submission, dict | None]) -> Submission:
         sub, nb = item
         if nb is not None:
             try:
-                grade_submission(sub, nb, refs, limits)
+                grade_submission(sub, nb, refs, payloads, builds[sub.notebook[:2]], limits, sandbox)
             except Exception as err:  # a grader bug must not cost the submission its row
                 sub.status, sub.results = "grader-error", {}
                 sub.notes.append(f"{type(err).__name__}: {err}"[:1000])

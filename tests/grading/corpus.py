@@ -1,5 +1,6 @@
 """A corpus of submissions built from the course's current exercise and solution notebooks, with the grade each
-must get: correct, partially correct, and one per adversarial case the grader must survive.
+must get: correct, partially correct, one per adversarial case the grader must survive, and every attack of issue 22
+(:func:`attacks`: on the grader and on classmates, on the request, on the guard, on the answers).
 
 ``write(folder, corpus(Course(stem)))`` writes the files and returns ``{file name: Expected}``. Run as a script
 to write ``N`` varied submissions of one notebook for the benchmark:
@@ -213,17 +214,20 @@ def _routes(course: Course) -> dict[str, list[tuple[str, str]]]:
          "started a process")]
     out = {name: (header + "\n\n".join(make(i) for (make, _), i in zip(routes, course.ids)),
                   {i: reason for (_, reason), i in zip(routes, course.ids)}) for name, routes in notebooks.items()}
-    # a thread that switched its own hook off makes every later graded call report the interference
+    # a thread that switched its own hook off (and lives on) makes every later graded call report the interference
     first = course.ids[0]
+    lasting = ("    while True:\n        a, k = _qi_{f}.get()\n        try:\n            _qo_{f}.put(r(*a, **k))\n"
+               "        except Exception as err:\n            _qo_{f}.put(err)\n")
     out["integrity_thread_tamper.ipynb"] = (
-        header + serve.format(f=fn(first), r=ref(first), body="    sys.setprofile(None)\n" + loop.format(f=fn(first)),
+        header + serve.format(f=fn(first), r=ref(first), body="    sys.setprofile(None)\n" + lasting.format(f=fn(first)),
                               start=f"threading.Thread(target=_serve_{fn(first)}, daemon=True).start()"),
         {i: "interfered" for i in course.ids})
     return out
 
 
-def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
-    """{file name: (notebook or raw bytes, expected grade)} for one exercise notebook."""
+def corpus(course: Course, paths: dict[str, str] | None = None) -> dict[str, tuple[dict | bytes, Expected]]:
+    """{file name: (notebook or raw bytes, expected grade)} for one exercise notebook; ``paths`` (``submissions``:
+    the folder the corpus is written to, ``out``: the grades CSV) arms the attacks that aim at them."""
     ids, fns = course.ids, course.functions
     full, zero = dict(course.points), {i: 0 for i in ids}
     first, second, last = ids[0], ids[1], ids[-1]
@@ -280,8 +284,9 @@ def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
             f"def {fns[leaf]}(*args, **kwargs):\n    return _pool.submit(_own, *args, **kwargs).result()\n"
             f"check({leaf!r}, {fns[leaf]})")
     out["thread_pool.ipynb"] = (course.notebook(ids, extra={end: [pool]}), Expected("graded", full))
+    # the grader no longer talks through sys.audit: replacing it changes nothing
     out["integrity_audit.ipynb"] = (course.notebook(ids, extra={end: ["import sys\nsys.audit = lambda *args: None"]}),
-                                    Expected("graded", zero, {i: "was interfered with" for i in ids}))
+                                    Expected("graded", full))
     # what a function returns cannot blow up the grader: huge views, shared nesting, long lists, compressed archives
     returns = ["torch.zeros(1).expand(30_000_000)", "_shared", "list(range(10**6))"]
     blowups = "_shared = [0]\nfor _ in range(22):\n    _shared = [_shared, _shared]\n" + "\n".join(
@@ -296,12 +301,7 @@ def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
                "torch.save = _deflated")
     out["deflate.ipynb"] = (course.notebook(ids, extra={end: [deflate]}),
                             Expected("graded", zero, {i: "compressed" for i in ids}))
-    fifo = ("import os\n_save = torch.save\ndef _fifo(obj, f, *args, **kwargs):\n"
-            f"    for i in {ids!r}:\n        if not os.path.exists(f'../grader/out_{{i}}.pt'):\n"
-            "            os.mkfifo(f'../grader/out_{i}.pt')\n    return _save(obj, f, *args, **kwargs)\n"
-            "torch.save = _fifo")
-    out["fifo.ipynb"] = (course.notebook(ids, extra={end: [fifo]}),
-                         Expected("graded", zero, {i: "could not call" for i in ids}))
+    out.update(attacks(course, paths or {}))
     # malformed cells are graded around, with a note
     malformed = course.notebook(ids)
     code = [c for c in malformed["cells"] if c["cell_type"] == "code"]
@@ -338,6 +338,172 @@ def corpus(course: Course) -> dict[str, tuple[dict | bytes, Expected]]:
     out["empty.ipynb"] = (b"", Expected("unreadable", None))
     out["list.ipynb"] = (b"[1, 2, 3]", Expected("unreadable", None))
     out["essay.txt"] = (b"I did the exercises on paper.\n", Expected("unreadable", None))
+    return out
+
+
+MARKER = "moe_lab_attack_marker"  # in the command line of every process an attack starts to outlive its kernel
+
+
+def _honest_one(course: Course, i: str) -> dict:
+    """The notebook with only exercise ``i`` solved (the attack cells are appended to it)."""
+    return course.notebook([i])
+
+
+def attacks(course: Course, paths: dict[str, str]) -> dict[str, tuple[dict, Expected]]:
+    """Every attack of issue 22 on one notebook, with the grade it must get now: nothing for the attacker, nothing
+    taken from a classmate (their rows are checked by the same test), no grader error."""
+    ids, fns = course.ids, course.functions
+    full, zero = dict(course.points), {i: 0 for i in ids}
+    end = len(course.exercise["cells"]) - 1
+    refs = {fns[i]: f"importlib.import_module({REGISTRY[i].reference.__module__!r}).{REGISTRY[i].reference.__name__}"
+            for i in ids}
+
+    def functions(body: str) -> str:
+        """Every graded function defined as ``return <body>`` (``{fn}``, ``{ref}``: its name, its reference)."""
+        return "\n".join(f"def {fn}(*args, **kwargs):\n    return " + body.format(fn=fn, ref=ref)
+                         for fn, ref in refs.items())
+
+    use_refs = functions("{ref}(*args, **kwargs)")
+    head = "import importlib, os, sys, glob, json, threading, time, signal, inspect, torch\n"
+    submissions, grades = paths.get("submissions", "/nonexistent"), paths.get("out", "/nonexistent.csv")
+    classmate = os.path.join(submissions, "Alice Smith_1234_attempt_2.ipynb")
+    out: dict[str, tuple[dict, Expected]] = {}
+
+    def add(name: str, cell: str, points: dict, reasons: dict | None = None, solved=()) -> None:
+        out[name] = (course.notebook(list(solved), extra={end: [head + cell]}), Expected("graded", points, reasons or {}))
+
+    # a FIFO or a folder where the grader's files were: the grader has no files the kernel can reach any more
+    add("attack_fifo_and_folders.ipynb",
+        "for d in ('.', '..', '../grader', '/tmp', '/tmp/grader', os.path.expanduser('~')):\n"
+        f"    for i in {ids!r}:\n"
+        "        for name in (f'cases_{i}.pt', f'out_{i}.pt'):\n"
+        "            try:\n                os.makedirs(d, exist_ok=True)\n"
+        "                os.mkfifo(os.path.join(d, name)) if name.startswith('cases') else "
+        "os.makedirs(os.path.join(d, name), exist_ok=True)\n"
+        "            except OSError:\n                pass", full, solved=ids)
+    # a detached process that waits for the grader to exit and rewrites grades.csv in its author's favour
+    forged = "submission,status\nattack_detached_rewriter.ipynb,graded\n"
+    script = ("import time\nfor _ in range(1200):\n    try:\n"
+              f"        open({grades!r}, 'w').write({forged!r})\n"
+              "    except OSError:\n        pass\n    time.sleep(0.25)\n")
+    add("attack_detached_rewriter.ipynb",
+        "import subprocess\n"
+        f"subprocess.Popen([sys.executable, '-c', {script!r}, {MARKER!r}], start_new_session=True,\n"
+        "                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)",
+        zero)
+    # a classmate's notebook, found through the grader's command line or its known path, executed for its answers
+    add("attack_classmate_exec.ipynb",
+        f"found = [{classmate!r}]\n"
+        "for cmdline in glob.glob('/proc/*/cmdline'):\n    try:\n"
+        "        found += [a for a in open(cmdline).read().split('\\0') if a.endswith('.ipynb') or 'submission' in a]\n"
+        "    except OSError:\n        pass\n"
+        "for path in found:\n    for nb in ([path] if path.endswith('.ipynb') else glob.glob(path + '/**/*.ipynb', recursive=True)):\n"
+        "        try:\n            cells = json.load(open(nb))['cells']\n        except (OSError, ValueError):\n            continue\n"
+        "        for cell in cells:\n            src = ''.join(cell['source'])\n"
+        "            if cell['cell_type'] == 'code' and src.lstrip().startswith('def ') and 'NotImplementedError' not in src:\n"
+        "                exec(src, globals())", zero, {i: "not implemented" for i in ids})
+    # a helper in its own session answers the graded functions over a UNIX socket, with the references
+    add("attack_socket_helper.ipynb",
+        "import socket, pickle\n"
+        "def _serve():\n    server = socket.socket(socket.AF_UNIX)\n    server.bind('/tmp/helper.sock')\n    server.listen()\n"
+        "    while True:\n        conn, _ = server.accept()\n        name, args, kwargs = pickle.loads(conn.recv(1 << 24))\n"
+        f"        conn.sendall(pickle.dumps(eval({refs!r}[name])(*args, **kwargs)))\n"
+        "if os.fork() == 0:\n    os.setsid()\n    _serve()\n    os._exit(0)\n"
+        "def _ask(name, *args, **kwargs):\n    conn = socket.socket(socket.AF_UNIX)\n    conn.connect('/tmp/helper.sock')\n"
+        "    conn.sendall(pickle.dumps((name, args, kwargs)))\n    return pickle.loads(conn.recv(1 << 24))\n"
+        + functions("_ask('{fn}', *args, **kwargs)"),
+        zero, {i: "raised" for i in ids})
+    # the request rewritten inside the kernel: a sys.audit wrapper, __import__ in the globals, an input transformer
+    add("attack_audit_wrapper.ipynb",
+        "_audit = sys.audit\ndef _wrapper(event, *args):\n    if event == 'moe_lab.grader.call':\n"
+        "        args = (*args[:5], ('moe_lab',))\n    return _audit(event, *args)\nsys.audit = _wrapper\n" + use_refs,
+        zero, {i: "called moe_lab" for i in ids})
+    add("attack_import_hook.ipynb",
+        "import builtins\n_real_import = builtins.__import__\n"
+        "def __import__(name, *args, **kwargs):\n    module = _real_import(name, *args, **kwargs)\n"
+        "    if name == 'sys':\n        class _Sys:\n            def __getattr__(self, key):\n"
+        "                return getattr(module, key)\n            def audit(self, event, *a):\n"
+        "                return module.audit(event, *a[:5], ('moe_lab',))\n        return _Sys()\n    return module\n"
+        + use_refs, zero, {i: "called moe_lab" for i in ids})
+    add("attack_input_transformer.ipynb",
+        "get_ipython().input_transformers_post.append(lambda lines: [l.replace(', ())', \", ('moe_lab',))\") "
+        "for l in lines])\n" + use_refs, zero, {i: "called moe_lab" for i in ids})
+    # a pre_run_cell hook that reads the cases the grader sends and answers them with the references
+    add("attack_pre_run_cell.ipynb",
+        "_answers = {}\ndef _hook(*args):\n    for path in glob.glob('/tmp/**/cases_*.pt', recursive=True):\n"
+        "        try:\n            cases = torch.load(path, weights_only=True)\n        except Exception:\n            continue\n"
+        f"        for case in cases:\n            for name, ref in {refs!r}.items():\n"
+        "                try:\n                    _answers[repr(case['args'])] = eval(ref)(*case['args'])\n"
+        "                except Exception:\n                    pass\n"
+        "get_ipython().events.register('pre_run_cell', _hook)\n"
+        + functions("_answers.get(repr(list(args)), 0)"),
+        zero)
+    # the guard switched off from the same interpreter: a thread, the notebook's own audit hook, a signal handler
+    add("attack_setprofile_thread.ipynb",
+        "_go, _done = threading.Event(), threading.Event()\n"
+        "def _switch_off():\n    while True:\n        _go.wait()\n        _go.clear()\n"
+        "        sys._current_frames = lambda: {}\n        threading.main_thread = lambda: threading.current_thread()\n"
+        "        sys.setprofile(None)\n        threading.setprofile(None)\n        _done.set()\n"
+        "threading.Thread(target=_switch_off, daemon=True).start()\n"
+        + "\n".join(f"def {fn}(*args, **kwargs):\n    _go.set()\n    _done.wait(5)\n    _done.clear()\n"
+                     f"    return {ref}(*args, **kwargs)" for fn, ref in refs.items()),
+        zero, {i: "interfered" for i in ids})
+    worker = ("_work, _result = [], []\ndef _run_work(*ignored):\n    if _work:\n        ref, a, k = _work.pop()\n"
+              "        _result.append(ref(*a, **k))\n")
+
+    def handed_over(trigger: str) -> str:
+        """Graded functions that hand their reference call to the worker and make it run (``trigger``)."""
+        return "\n".join(f"def {fn}(*args, **kwargs):\n    _work.append(({ref}, args, kwargs))\n{trigger}"
+                         "    return _result.pop()" for fn, ref in refs.items())
+
+    add("attack_own_audit_hook.ipynb",
+        worker + "sys.addaudithook(lambda event, args: _run_work() if event == 'open' else None)\n"
+        + handed_over("    open(os.devnull).close()\n"), zero, {i: "interfered" for i in ids})
+    add("attack_sigalrm.ipynb",
+        worker + "signal.signal(signal.SIGALRM, _run_work)\n"
+        + handed_over("    signal.setitimer(signal.ITIMER_REAL, 0.001)\n    deadline = time.time() + 1\n"
+                      "    while not _result and time.time() < deadline:\n        sum(range(100))\n"),
+        zero, {i: "raised" for i in ids})
+    add("attack_guard_state.ipynb",
+        "\n".join(f"def {fn}(*args, **kwargs):\n    state = sys.getprofile().__globals__['_STATE']\n"
+                   f"    saved, state.guard = state.guard, None\n    try:\n        return {ref}(*args, **kwargs)\n"
+                   "    finally:\n        state.guard = saved" for fn, ref in refs.items()),
+        zero, {i: "not available while grading" for i in ids})
+    add("attack_jit_trace.ipynb",
+        "_traced = {}\n"
+        f"for name, ref in {refs!r}.items():\n    try:\n"
+        f"        case = importlib.import_module('moe_lab.checks').REGISTRY[dict(zip({list(refs)!r}, {ids!r}))[name]]"
+        ".cases(False)[0]\n"
+        "        _traced[name] = torch.jit.trace(eval(ref), case.args)\n    except Exception:\n        pass\n"
+        + functions("_traced['{fn}'](*args)"),
+        zero, {i: "raised KeyError" for i in ids})
+    # the answers shipped with the course: the solutions next to moe_lab, the references' source
+    add("attack_solutions_exec.ipynb",
+        "import moe_lab\n"
+        f"for folder in (os.path.join(os.path.dirname(moe_lab.__file__), '..', 'solutions'), {str(course.root / 'solutions')!r}):\n"
+        f"    for nb in glob.glob(os.path.join(folder, {course.stem[:2] + '_*.ipynb'!r})):\n"
+        "        for cell in json.load(open(nb))['cells']:\n            src = ''.join(cell['source'])\n"
+        "            if cell['cell_type'] == 'code' and src.lstrip().startswith('def '):\n"
+        "                exec(src, globals())", zero, {i: "not implemented" for i in ids})
+    add("attack_getsource.ipynb",
+        "import textwrap\n"
+        f"for name, ref in {refs!r}.items():\n    source = textwrap.dedent(inspect.getsource(eval(ref)))\n"
+        "    exec(source.replace('def ' + eval(ref).__name__ + '(', 'def ' + name + '(', 1), globals())",
+        zero, {i: "raised" for i in ids})  # the source is the build's stub
+    add("attack_lookup_table.ipynb",
+        "from moe_lab.checks import REGISTRY\n_table = {}\n"
+        f"for i in {ids!r}:\n    for hidden in (False, True):\n        try:\n"
+        "            for case in REGISTRY[i].cases(hidden):\n"
+        "                _table[repr(case.args)] = REGISTRY[i].reference(*case.args)\n"
+        "        except Exception:\n            pass\n"
+        + functions("_table.get(repr(args), 0)"), zero)
+    # exceptions whose description itself raises; a spreadsheet formula as a file name
+    add("attack_broken_exceptions.ipynb",
+        "class _Meta(type):\n    @property\n    def __name__(cls):\n        raise RuntimeError('no name')\n"
+        "class _Weird(Exception, metaclass=_Meta):\n    def __str__(self):\n        raise RuntimeError('no text')\n"
+        + "\n".join(f"def {fn}(*args, **kwargs):\n    raise _Weird()" for fn in refs),
+        zero, {i: "raised" for i in ids})
+    out['=HYPERLINK("evil","open me").ipynb'] = (course.notebook(ids), Expected("graded", full))
     return out
 
 
