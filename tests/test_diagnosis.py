@@ -23,7 +23,7 @@ def _mistake(ex_id: str, starts: str) -> str:
 def _named(ex_id: str, fn, starts: str, hidden: bool = False) -> None:
     result = run_check(ex_id, fn, hidden=hidden)
     assert result.status == "failed", str(result)
-    assert f"; this looks like {_mistake(ex_id, starts)}. Hint: " in result.message, result.message
+    assert f"\nthis looks like {_mistake(ex_id, starts)}\nHint: " in result.message, result.message
 
 
 # ------------------------------------------------------------------ wrong answers a student writes, named
@@ -209,7 +209,7 @@ def test_every_mistake_is_named_on_the_visible_cases(ex_id, description, monkeyp
     ex = REGISTRY[ex_id]
     monkeypatch.setattr(ex, "allow", ex.allow + ("moe_lab.checks",))
     result = run_check(ex_id, ex.mistakes[description])
-    assert result.status == "failed" and f"this looks like {description}. Hint" in result.message, result.message
+    assert result.status == "failed" and f"this looks like {description}\nHint" in result.message, result.message
 
 
 def _agrees_with_reference(ex_id, fn, hidden=True):

@@ -153,7 +153,7 @@ def test_exercise_11_mistakes_are_named_and_references_pass(monkeypatch):
         assert len(ex.mistakes) >= 2
         for description, mistake in ex.mistakes.items():
             result = run_check(ex_id, mistake)
-            assert result.status == "failed" and f"this looks like {description}. Hint" in result.message, \
+            assert result.status == "failed" and f"this looks like {description}\nHint" in result.message, \
                 (ex_id, result.message)
 
 
