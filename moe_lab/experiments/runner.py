@@ -89,7 +89,7 @@ def _cpu_model() -> str:
 def provenance(device: torch.device) -> dict[str, Any]:
     """Where and with what a run is made (git commit, versions, CPU / GPU, threads, load, date)."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--", ".")),
+            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
