@@ -12,12 +12,12 @@
 from .budget import BUDGET_KINDS, MATCHES, Budget, flops_per_step, matched_dense
 from .claims import Claim, claim, compare
 from .registry import REFERENCE_RUNS, ReferenceRun, reference_run, register, replay
-from .results import METRICS, load_result, metric_values, paired, save_result, summary
+from .results import METRICS, load_result, metric_values, paired, provenance_text, save_result, summary
 from .runner import Setup, run_comparison, train_arm
 from .stats import PairedDifference, paired_difference, t_quantile
 from . import reference  # noqa: F401  (registers the course's reference runs)
 
 __all__ = ["BUDGET_KINDS", "MATCHES", "METRICS", "REFERENCE_RUNS", "Budget", "Claim", "PairedDifference",
            "ReferenceRun", "Setup", "claim", "compare", "flops_per_step", "load_result", "matched_dense",
-           "metric_values", "paired", "paired_difference", "reference_run", "register", "replay", "run_comparison",
+           "metric_values", "paired", "paired_difference", "provenance_text", "reference_run", "register", "replay", "run_comparison",
            "save_result", "summary", "t_quantile", "train_arm"]

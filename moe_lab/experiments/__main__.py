@@ -7,11 +7,11 @@ import json
 import pandas as pd
 import torch
 
-from . import REFERENCE_RUNS, load_result, reference_run, save_result, summary
+from . import REFERENCE_RUNS, load_result, provenance_text, reference_run, save_result, summary
 
 
 def _show(result: dict) -> None:
-    setup, prov = result["setup"], result["provenance"]
+    setup = result["setup"]
     print(f"{result['name']}: {result['description']}")
     print(f"budget {setup['budget']['amount']:g} {setup['budget']['kind']}, seeds {setup['seeds']}, "
           f"{setup['batch_size']} x {setup['seq_len']} tokens per step, lr {setup['lr']:g}, corpus {setup['corpus']}, "
@@ -22,7 +22,8 @@ def _show(result: dict) -> None:
         print("\nclaims:")
         for key, claim in REFERENCE_RUNS[result["name"]].claims(result).items():
             print(f"- [{key}] {claim.text}")
-    print("\nprovenance:", json.dumps(prov))
+    print(f"\n{provenance_text(result)}")
+    print("provenance:", json.dumps(result["provenance"]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,7 +64,7 @@ def claim(diff: PairedDifference, *, subject: str, other: str, quantity: str, un
         if verdict == expected:
             text += f"; this reproduces the direction reported by {source}"
         elif verdict == "unresolved":
-            text += f"; the direction reported by {source} ({expected}) is neither confirmed nor ruled out"
+            text += f"; these seeds can neither confirm nor rule out that it is {expected}, as reported by {source}"
         else:
             text += f"; this is the opposite of the direction reported by {source}: not reproduced"
     return Claim(text, verdict, diff, expected)

@@ -75,6 +75,15 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def provenance_text(result: dict[str, Any]) -> str:
+    """Where and how ``result`` was made, in words (for a notebook): date, machine, threads, load, wall time."""
+    p = result["provenance"]
+    machine = p["gpu"] or f"{p['cpu']} ({p['cpu_capability']} kernels, {p['threads']} thread{'s' * (p['threads'] > 1)})"
+    commit = f", commit {p['git_commit'][:10]}{' + changes' * p['git_dirty']}" if p.get("git_commit") else ""
+    return (f"made {p['date'][:10]} on {machine}, torch {p['torch']}, Python {p['python']}{commit}, in "
+            f"{p['wall_s'] / 60:.1f} min at a load average of {p['load_before']:.1f} to {p['load_after']:.1f}")
+
+
 def load_result(name_or_path: str | Path) -> dict[str, Any]:
     """A stored result: a reference run's name (``results/<name>.json``) or a path to a JSON file."""
     path = Path(name_or_path)
