@@ -129,3 +129,14 @@ def test_documents_are_joined_with_the_separator():
     first, second = corpus.val_documents[:2]
     text = bytes(corpus.val.to(torch.uint8).tolist())
     assert text.startswith(docs[first] + SEPARATOR + docs[second])
+
+
+def test_readme_documents_the_corpus_as_it_is():
+    readme = (ROOT / "README.md").read_text()
+    for name in CORPORA:
+        c = load_corpus(name)
+        n = len(c.train_documents) + len(c.val_documents)
+        row = (f"| `{name}` | {n} ({len(c.train_documents)} / {len(c.val_documents)}) | {len(c.train):,} | "
+               f"{len(c.val):,} |")
+        assert row in readme, row
+    assert f"({SNAPSHOT.stat().st_size / 1000:.0f} KB" in readme

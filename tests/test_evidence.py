@@ -20,10 +20,11 @@ from moe_lab.experiments.stats import t_quantile
 ROOT = Path(__file__).resolve().parents[1]
 
 REPLAY_STEPS = 8
-REPLAY_TOLERANCE = 2e-3
-"""Nats per step: the first 8 steps of a stored run must be replayed within this (absolute). Measured spread of the
-first 10 steps of every switch_family arm between the native AVX-512 kernels, ATEN_CPU_CAPABILITY=avx2,
-ATEN_CPU_CAPABILITY=default (+ MKL_CBWR=COMPATIBLE) and 2 threads: at most 2e-4 (see the README); 10x margin."""
+REPLAY_TOLERANCE = 5e-4
+"""Nats per step. Measured: the first 10 steps of every switch_family arm differ by at most 5e-7 between the native
+AVX-512 kernels, ATEN_CPU_CAPABILITY=avx2, ATEN_CPU_CAPABILITY=default (with and without MKL_CBWR=COMPATIBLE) and
+2 threads; stored values are rounded to 6 significant digits (up to 5e-6 at a loss of 5.5). 5e-4 leaves a margin of
+100x over both, and a change of the code, the data or the schedule moves the first steps by far more."""
 
 LINTED = ["07_switch_glam_stmoe"]
 """Lecture notebooks moved onto the evidence mechanism: no hand-typed measured numbers in their markdown (extend
