@@ -139,4 +139,4 @@ def test_readme_documents_the_corpus_as_it_is():
         row = (f"| `{name}` | {n} ({len(c.train_documents)} / {len(c.val_documents)}) | {len(c.train):,} | "
                f"{len(c.val):,} |")
         assert row in readme, row
-    assert f"({SNAPSHOT.stat().st_size / 1000:.0f} KB" in readme
+    assert f"corpus.tar.xz`, {SNAPSHOT.stat().st_size / 1000:.0f} KB" in readme
