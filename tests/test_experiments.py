@@ -181,7 +181,8 @@ def test_run_comparison_records_budget_matched_paired_runs(tiny_result):
                           "batch_size": 4, "seq_len": 16, "lr": 3e-3, "warmup": 10, "eval_tokens": 256,
                           "eval_points": 1}
     prov = r["provenance"]
-    assert {"git_commit", "torch", "python", "cpu", "threads", "load_before", "load_after", "wall_s", "date"} <= set(prov)
+    assert {"git_commit", "torch", "python", "cpu", "threads", "load_before", "load_after", "wall_s",
+            "date"} <= set(prov)
 
 
 def test_val_ce_is_the_fixed_validation_of_the_finished_model(tiny_result):
@@ -234,7 +235,8 @@ def test_claim_wording_follows_the_interval():
         "the validation cross-entropy of MoE is lower than that of dense by 0.047 nats "
         "(95% CI [0.045, 0.049]; lower in 3 of 3 seeds)")
     higher = compare(result_with([1.7, 1.8, 1.75], [1.6, 1.65, 1.62]), "a", "b")
-    assert higher.verdict == "higher" and "the validation cross-entropy of a is higher than that of b by 0.127" in higher.text
+    assert higher.verdict == "higher"
+    assert "the validation cross-entropy of a is higher than that of b by 0.127" in higher.text
     unresolved = compare(result_with([1.0, 2.0, 3.0], [1.5, 1.5, 2.0]), "a", "b")
     assert unresolved.verdict == "unresolved" and unresolved.text.startswith(
         "3 seeds cannot resolve a difference in validation cross-entropy between a and b: the mean difference is "
@@ -245,7 +247,8 @@ def test_claim_wording_follows_the_interval():
 def test_claims_say_whether_they_reproduce_the_source():
     diff = paired_difference([1.0, 1.1, 1.05], [1.2, 1.3, 1.24])
     kw = dict(subject="a", other="b", quantity="loss", source="Fedus et al. 2021")
-    assert claim(diff, expected="lower", **kw).text.endswith("; this reproduces the direction reported by Fedus et al. 2021")
+    assert claim(diff, expected="lower", **kw).text.endswith(
+        "; this reproduces the direction reported by Fedus et al. 2021")
     assert claim(diff, expected="lower", **kw).reproduces is True
     opposite = claim(diff, expected="higher", **kw)
     assert opposite.reproduces is False and opposite.text.endswith("opposite of the direction reported by Fedus et "

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     for domain in ("python", "pydoc"):
         kept = manifest[domain]["kept"]
         excluded = [f"{name} ({entry['reason']})" for name, entry in manifest[domain]["excluded"].items()]
-        print(f"{domain}: {len(kept)} documents, {sum(kept.values()):,} bytes; excluded: {', '.join(excluded) or 'none'}")
+        print(f"{domain}: {len(kept)} documents, {sum(kept.values()):,} bytes; "
+              f"excluded: {', '.join(excluded) or 'none'}")
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes) from {manifest['source']}")
 
 

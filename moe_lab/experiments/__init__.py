@@ -19,5 +19,5 @@ from . import reference  # noqa: F401  (registers the course's reference runs)
 
 __all__ = ["BUDGET_KINDS", "MATCHES", "METRICS", "REFERENCE_RUNS", "Budget", "Claim", "PairedDifference",
            "ReferenceRun", "Setup", "claim", "compare", "flops_per_step", "load_result", "matched_dense",
-           "metric_values", "paired", "paired_difference", "provenance_text", "reference_run", "register", "replay", "run_comparison",
-           "save_result", "summary", "t_quantile", "train_arm"]
+           "metric_values", "paired", "paired_difference", "provenance_text", "reference_run", "register", "replay",
+           "run_comparison", "save_result", "summary", "t_quantile", "train_arm"]

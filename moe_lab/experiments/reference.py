@@ -40,8 +40,9 @@ SWITCH_FAMILY = register(ReferenceRun(
     description="Notebook 07: the toy Switch, GLaM, ST-MoE and Mixtral presets against the dense preset, all with "
                 "the same active FFN width, each trained to the end of its own schedule within the training FLOPs "
                 "of 800 dense steps; plus Switch without its aux loss (the control)",
-    arms={"dense": toy_config("dense"), "switch": toy_config("switch"), "switch, aux 0": toy_config("switch", aux_coef=0.0),
-          "glam": toy_config("glam"), "st_moe": toy_config("st_moe"), "mixtral": toy_config("mixtral")},
+    arms={"dense": toy_config("dense"), "switch": toy_config("switch"),
+          "switch, aux 0": toy_config("switch", aux_coef=0.0), "glam": toy_config("glam"),
+          "st_moe": toy_config("st_moe"), "mixtral": toy_config("mixtral")},
     budget=Budget.of("flops", toy_config("dense"), 800, batch_size=16, seq_len=64),
     seeds=(0, 1, 2, 3, 4),
     setup=Setup(eval_points=3),

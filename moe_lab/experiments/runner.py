@@ -38,6 +38,8 @@ from ..validation import check_int, check_number
 from .budget import Budget, flops_per_step
 from .results import end_steps
 
+ENV_SETTINGS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")
+"""Environment variables that change which kernels run; recorded in the provenance when set."""
 DIGITS = 6
 """Significant digits kept for per-step values in a result (losses, times)."""
 
@@ -89,12 +91,13 @@ def _cpu_model() -> str:
 def provenance(device: torch.device) -> dict[str, Any]:
     """Where and with what a run is made (git commit, versions, CPU / GPU, threads, load, date)."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(),
-            "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS") if k in os.environ},
+            "env": {k: os.environ[k] for k in ENV_SETTINGS if k in os.environ},
             "load_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
