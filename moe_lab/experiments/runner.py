@@ -42,6 +42,8 @@ ENV_SETTINGS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")
 """Environment variables that change which kernels run; recorded in the provenance when set."""
 DIGITS = 6
 """Significant digits kept for per-step values in a result (losses, times)."""
+EVAL_BATCH = 64
+"""Validation windows per forward pass (the result does not depend on it)."""
 
 
 def config_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -55,7 +57,7 @@ def _round(values) -> list[float]:
 
 
 def _val(step: int, ce: float) -> list:
-    return [step, float(f"{ce:.{DIGITS}g}")]
+    return [step, *_round([ce])]
 
 
 class _EvaluateAt(TrainHook):
@@ -67,7 +69,7 @@ class _EvaluateAt(TrainHook):
     def after_optimizer_step(self, state: TrainState) -> None:
         if state.step + 1 in self.steps:
             state.history.val.append((state.step + 1, evaluate(state.model, self.val, seq_len=self.seq_len,
-                                                                tokens=self.tokens, batch_size=64)))
+                                                                tokens=self.tokens, batch_size=EVAL_BATCH)))
 
 
 def _git(*args: str) -> str | None:
@@ -180,7 +182,7 @@ def run_comparison(arms: Mapping[str, ModelConfig], budget: Budget, *, seeds: Se
             t0 = time.perf_counter()
             model, history = train_arm(cfg, steps, seed, setup, data=text.train, device=device,
                                        hooks=[_EvaluateAt(points, text.val, L, setup.eval_tokens)])
-            val_ce = evaluate(model, text.val, seq_len=L, tokens=setup.eval_tokens, batch_size=64)
+            val_ce = evaluate(model, text.val, seq_len=L, tokens=setup.eval_tokens, batch_size=EVAL_BATCH)
             run = {"seed": seed, "train_ce": _round(history.ce), "step_time": _round(history.step_time),
                    "val": [_val(s, v) for s, v in history.val] + [_val(steps, val_ce)],
                    "val_ce": val_ce, "wall_s": round(time.perf_counter() - t0, 2)}
