@@ -3,6 +3,7 @@ notebook states from them agrees with its interval and is what the notebook show
 mechanism carry no hand-typed measured numbers. The replay and claims tests run once more under another ATen
 kernel (``ATEN_CPU_CAPABILITY=default``) in a subprocess.
 """
+import dataclasses
 import os
 import re
 import subprocess
@@ -48,7 +49,7 @@ def test_every_reference_run_has_a_stored_result_made_by_its_code(name):
     assert setup.pop("budget") == {"kind": run.budget.kind, "amount": run.budget.amount}
     assert setup.pop("seeds") == list(run.seeds)
     setup.pop("device")
-    assert setup == dict(run.setup.__dict__)
+    assert setup == dataclasses.asdict(run.setup)
     for key in ("git_commit", "torch", "python", "cpu", "threads", "wall_s", "date", "load_before"):
         assert result["provenance"][key] is not None, key
 
