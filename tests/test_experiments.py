@@ -15,6 +15,7 @@ from moe_lab.experiments import (Budget, Setup, claim, compare, flops_per_step, 
 from moe_lab.experiments.__main__ import main
 from moe_lab.experiments.results import metric_values
 from moe_lab.experiments.stats import t_within
+from moe_lab.hooks import TrainHook
 from moe_lab.model import MoETransformer, toy_config
 from moe_lab.train import evaluate
 
@@ -192,6 +193,28 @@ def test_val_ce_is_the_fixed_validation_of_the_finished_model(tiny_result):
     assert history.ce == pytest.approx(tiny_result["runs"]["moe"][1]["train_ce"], rel=1e-5)
     assert tiny_result["runs"]["moe"][1]["val_ce"] == pytest.approx(slow_evaluate(model, corpus.val, 16, 256),
                                                                     rel=1e-5)
+
+
+def test_run_comparison_passes_hooks_and_hands_back_each_model():
+    class Count(TrainHook):
+        def __init__(self):
+            self.steps = 0
+
+        def after_optimizer_step(self, state):
+            self.steps += 1
+
+    counters, seen = {}, []
+
+    def hooks(arm, seed):
+        counters[arm, seed] = Count()
+        return [counters[arm, seed]]
+
+    r = run_comparison(TINY, Budget("steps", 2), seeds=(3,), setup=SETUP, progress=False, hooks=hooks,
+                       on_run=lambda arm, seed, model, history: seen.append((arm, seed, len(history.ce),
+                                                                             type(model).__name__)))
+    assert {key: c.steps for key, c in counters.items()} == {("dense", 3): 2, ("moe", 3): 2}
+    assert seen == [("dense", 3, 2, "MoETransformer"), ("moe", 3, 2, "MoETransformer")]
+    assert r["runs"]["moe"][0]["seed"] == 3
 
 
 def test_run_comparison_rejects_bad_arguments():

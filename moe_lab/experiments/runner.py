@@ -20,7 +20,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from ..calculator import count_params
 from ..data import CORPORA, load_corpus
 from ..hooks import TrainHook, TrainState
 from ..model import ModelConfig, MoETransformer
-from ..train import EVAL_TOKENS, evaluate, train
+from ..train import EVAL_TOKENS, History, evaluate, train
 from ..utils import seed_everything
 from ..validation import check_int, check_number
 from .budget import Budget, flops_per_step
@@ -143,11 +143,17 @@ def train_arm(cfg: ModelConfig, steps: int, seed: int, setup: Setup, *, data: to
 
 def run_comparison(arms: Mapping[str, ModelConfig], budget: Budget, *, seeds: Sequence[int] = (0, 1, 2),
                    setup: Setup = Setup(), device: str | torch.device | None = None, progress: bool = True,
-                   name: str | None = None, description: str = "") -> dict[str, Any]:
+                   name: str | None = None, description: str = "",
+                   hooks: Callable[[str, int], Sequence[TrainHook]] | None = None,
+                   on_run: Callable[[str, int, MoETransformer, History], None] | None = None) -> dict[str, Any]:
     """Train every arm (``{name: ModelConfig}``) with every seed within ``budget`` (each arm its own steps and
     schedule, :meth:`Budget.steps_for`) as ``setup`` says, and score it at the end of its schedule on the fixed
     validation windows. Seeds run in the outer loop, arms in the inner one, so slow phases of a shared machine hit
-    every arm alike; a tqdm bar counts the runs. Returns the result described in the module docstring."""
+    every arm alike; a tqdm bar counts the runs. Returns the result described in the module docstring.
+
+    For what the JSON does not hold: ``hooks(arm, seed)`` returns extra :class:`moe_lab.hooks.TrainHook` objects
+    for that run (e.g. routing snapshots), and ``on_run(arm, seed, model, history)`` is called after each run with
+    the trained model (e.g. to keep it for a specialisation probe)."""
     if not arms:
         raise ValueError("arms must name at least one model configuration")
     for arm, cfg in arms.items():
@@ -180,8 +186,9 @@ def run_comparison(arms: Mapping[str, ModelConfig], budget: Budget, *, seeds: Se
             steps = result["arms"][arm]["steps"]
             points = {round(steps * (i + 1) / (setup.eval_points + 1)) for i in range(setup.eval_points)} - {0, steps}
             t0 = time.perf_counter()
+            extra = list(hooks(arm, seed)) if hooks else []
             model, history = train_arm(cfg, steps, seed, setup, data=text.train, device=device,
-                                       hooks=[_EvaluateAt(points, text.val, L, setup.eval_tokens)])
+                                       hooks=[_EvaluateAt(points, text.val, L, setup.eval_tokens), *extra])
             val_ce = evaluate(model, text.val, seq_len=L, tokens=setup.eval_tokens, batch_size=EVAL_BATCH)
             run = {"seed": seed, "train_ce": _round(history.ce), "step_time": _round(history.step_time),
                    "val": [_val(s, v) for s, v in history.val] + [_val(steps, val_ce)],
@@ -191,6 +198,8 @@ def run_comparison(arms: Mapping[str, ModelConfig], budget: Budget, *, seeds: Se
                 run["drop_rate"] = _round(history.drop_rate)
                 run["expert_load"] = history.expert_load()[-end_steps(steps):].sum(0).tolist()
             result["runs"][arm].append(run)
+            if on_run:
+                on_run(arm, seed, model, history)
             bar.update()
     bar.close()
     prov["wall_s"] = round(time.perf_counter() - start, 1)
