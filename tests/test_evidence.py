@@ -38,7 +38,7 @@ to LINTED)."""
 @pytest.mark.parametrize("name", REFERENCE_RUNS)
 def test_every_reference_run_has_a_stored_result_made_by_its_code(name):
     run, result = REFERENCE_RUNS[name], load_result(name)
-    assert (RESULTS / f"{name}.json").exists()
+    assert (RESULTS / f"{name}.json.gz").exists()
     assert set(result["arms"]) == set(run.arms)
     for arm, cfg in run.arms.items():
         assert result["arms"][arm]["config"] == config_dict(cfg), arm

@@ -1,5 +1,5 @@
 """Reference runs: named comparisons too long for a notebook, registered here, run with one command and stored
-with their provenance as package data (``experiments/results/<name>.json``)::
+with their provenance as package data (``experiments/results/<name>.json.gz``)::
 
     python -m moe_lab.experiments list
     python -m moe_lab.experiments run NAME [--seeds N] [--device cuda] [--quick] [--out PATH]

@@ -2,6 +2,7 @@
 differences, a summary table, and the stored reference results (package data in ``experiments/results/``)."""
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import statistics
@@ -11,7 +12,7 @@ from typing import Any
 from .stats import PairedDifference, paired_difference
 
 RESULTS = Path(__file__).resolve().with_name("results")
-"""Where the reference results live (``<name>.json``)."""
+"""Where the reference results live (``<name>.json.gz``: gzipped JSON, ``zcat`` or ``show`` prints it)."""
 END_FRACTION = 0.1
 """Per-step metrics are read over the last 10% of a run's steps (at least one step)."""
 METRICS = {
@@ -85,26 +86,29 @@ def provenance_text(result: dict[str, Any]) -> str:
 
 
 def load_result(name_or_path: str | Path) -> dict[str, Any]:
-    """A stored result: a reference run's name (``results/<name>.json``) or a path to a JSON file."""
+    """A stored result: a reference run's name (``results/<name>.json.gz``) or a path to a ``.json`` or
+    ``.json.gz`` file."""
     path = Path(name_or_path)
-    if path.suffix != ".json":
-        path = RESULTS / f"{name_or_path}.json"
+    if not path.name.endswith((".json", ".json.gz")):
+        path = RESULTS / f"{name_or_path}.json.gz"
         if not path.exists():
-            stored = sorted(p.stem for p in RESULTS.glob("*.json"))
+            stored = sorted(p.name.removesuffix(".json.gz") for p in RESULTS.glob("*.json.gz"))
             raise ValueError(f"no stored result named {name_or_path!r}; stored: {stored}")
-    return json.loads(path.read_text())
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.name.endswith(".gz") else data)
 
 
 def save_result(result: dict[str, Any], path: str | Path | None = None) -> Path:
-    """Write ``result`` as JSON (default: ``results/<result name>.json``); returns the path."""
+    """Write ``result`` as JSON, gzipped when the name ends in ``.gz`` (default: ``results/<result
+    name>.json.gz``, the package's reference results); lists of numbers stay on one line. Returns the path."""
     if path is None:
         if not result.get("name"):
             raise ValueError("result has no name: pass a path")
-        path = RESULTS / f"{result['name']}.json"
+        path = RESULTS / f"{result['name']}.json.gz"
     path = Path(path)
     text = json.dumps(result, indent=1)
-    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
-    path.write_text(text + "\n")
+    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
+    path.write_bytes(gzip.compress(text.encode(), mtime=0) if path.name.endswith(".gz") else text.encode())
     return path
 
 
