@@ -19,8 +19,8 @@ DENSE = "the dense model (equal active FLOPs)"
 
 def switch_family_claims(result: dict) -> dict[str, Claim]:
     """What notebook 07 states from ``switch_family``: each MoE preset against the dense model at equal active
-    FLOPs (validation CE), the aux-loss control for Switch (end-of-run MaxVio, dropped slots, validation CE), and
-    the time per step on this machine."""
+    FLOPs (validation CE), the aux-loss control for Switch (end-of-run MaxVio, dropped slots, validation CE), the
+    slots Switch drops at capacity factor 1.0 against ST-MoE's 1.25, and the time per step on this machine."""
     claims = {f"{arm} vs dense": compare(result, arm, "dense", subject=label, other=DENSE, expected="lower",
                                          source=source)
               for arm, (label, source) in MOE_FAMILY.items()}
@@ -30,6 +30,9 @@ def switch_family_claims(result: dict) -> dict[str, Claim]:
     claims["aux: drop_rate"] = compare(result, "switch", "switch, aux 0", "drop_rate", subject=switch, other=no_aux,
                                        digits=1, scale=100, unit="percentage points")
     claims["aux: val_ce"] = compare(result, "switch", "switch, aux 0", subject=switch, other=no_aux)
+    claims["drops: switch vs st_moe"] = compare(result, "switch", "st_moe", "drop_rate",
+                                                subject=MOE_FAMILY["switch"][0], other=MOE_FAMILY["st_moe"][0],
+                                                digits=1, scale=100, unit="percentage points")
     claims["step time"] = compare(result, "mixtral", "dense", "step_ms", subject="the Mixtral preset", other=DENSE,
                                   digits=1)
     return claims
