@@ -79,6 +79,7 @@ def _eval_windows(data: torch.Tensor, seq_len: int, tokens: int | None, batch_si
         x, y = val_windows(data, seq_len, tokens)
         yield from zip(x.split(batch_size), y.split(batch_size))
         return
+    check_int("batches", batches, 1)
     g = torch.Generator().manual_seed(seed)
     for _ in range(batches):
         yield get_batch(data, batch_size, seq_len, g)

@@ -234,3 +234,13 @@ def test_eval_load_on_fixed_windows_counts_every_token_slot():
     model = MoETransformer(toy_config("mixtral", **SMALL))
     load = evaluate_load(model, torch.arange(3000) % 256, seq_len=16, tokens=320, batch_size=7)
     assert load.shape == (2, 8) and torch.all(load.sum(-1) == 320 * 2)  # 20 windows of 16 tokens, top-2
+
+
+def test_evaluate_names_bad_arguments():
+    model, data = MoETransformer(toy_config("dense", **SMALL)), torch.arange(500) % 256
+    with pytest.raises(ValueError, match="batches must be an integer >= 1"):
+        evaluate(model, data, seq_len=8, batch_size=2, batches=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        evaluate(model, data, seq_len=8, tokens=64, batch_size=0)
+    with pytest.raises(ValueError, match="tokens must be an integer >= 8"):
+        evaluate(model, data, seq_len=8, tokens=4)
