@@ -293,6 +293,9 @@ def test_save_and_load_results(tmp_path, tiny_result, capsys):
     lines = path.read_text().splitlines()
     assert not [line for line in lines if line.strip().rstrip(",").replace(".", "").isdigit()]  # number lists: 1 line
     assert any(line.startswith('    "train_ce": [') and line.endswith("],") for line in lines)
+    gz = save_result(tiny_result, tmp_path / "tiny.json.gz")
+    assert load_result(gz) == load_result(path) and gz.read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    assert save_result(tiny_result, tmp_path / "again.json.gz").read_bytes() == gz.read_bytes()  # no timestamp
     with pytest.raises(ValueError, match="no stored result named 'nothing'"):
         load_result("nothing")
     main(["show", str(path)])
