@@ -46,6 +46,8 @@ class TrainState:
     grad_norm: total gradient norm before clipping (a 0-dim tensor; None when clipping is off).
     skip_step: set True in ``before_optimizer_step`` to skip ``optimizer.step()`` for this step (e.g. a
         NaN policy); the loop then does not raise on a non-finite loss. Reset to False every step.
+    stop: set True in any step event to end the run after this step (``on_train_end`` still runs); the
+        learning-rate schedule is not shortened (e.g. replaying the first steps of a longer run).
     """
 
     model: nn.Module
@@ -57,6 +59,7 @@ class TrainState:
     outputs: list["LossOutput"] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
     skip_step: bool = False
+    stop: bool = False
 
 
 class TrainHook:

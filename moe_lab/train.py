@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import get_batch
+from .data import get_batch, val_windows
 from .hooks import TrainHook, TrainState
 from .metrics import max_violation_tensor
 from .model import LOSS_TERMS, MoETransformer
@@ -67,40 +67,62 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _eval_batches(model: MoETransformer, data: torch.Tensor, batch_size: int, seq_len: int, batches: int,
-                  seed: int):
-    """Yield the :class:`moe_lab.model.LossOutput` of ``batches`` random windows of ``data`` in eval mode."""
+EVAL_TOKENS = 65_536
+"""Validation tokens scored per model in the course's comparisons (``evaluate(..., tokens=EVAL_TOKENS)``)."""
+
+
+def _eval_windows(data: torch.Tensor, seq_len: int, tokens: int | None, batch_size: int, batches: int, seed: int):
+    """``(x, y)`` batches: the fixed windows of :func:`moe_lab.data.val_windows` (``tokens`` given), else
+    ``batches`` random batches drawn with ``seed`` (legacy)."""
+    check_int("batch_size", batch_size, 1)
+    if tokens is not None:
+        x, y = val_windows(data, seq_len, tokens)
+        yield from zip(x.split(batch_size), y.split(batch_size))
+        return
+    check_int("batches", batches, 1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        yield get_batch(data, batch_size, seq_len, g)
+
+
+def _eval_outputs(model: MoETransformer, windows):
+    """Yield ``(LossOutput, windows in the batch)`` for each ``(x, y)`` batch of ``windows``, in eval mode."""
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for _ in range(batches):
-                x, y = get_batch(data, batch_size, seq_len, g)
-                yield model.loss(x.to(device), y.to(device))
+            for x, y in windows:
+                yield model.loss(x.to(device), y.to(device)), len(x)
     finally:
         model.train(was_training)
 
 
-def evaluate(model: MoETransformer, data: torch.Tensor, *, batch_size: int, seq_len: int, batches: int = 4,
-             seed: int = 0) -> float:
-    """Mean cross-entropy (nats per token) over ``batches`` random windows of ``data`` (eval mode)."""
+def evaluate(model: MoETransformer, data: torch.Tensor, *, seq_len: int, tokens: int | None = None,
+             batch_size: int = 16, batches: int = 4, seed: int = 0) -> float:
+    """Mean cross-entropy (nats per token) of ``model`` on ``data: [N]`` (eval mode, no gradients).
+
+    With ``tokens`` (the course's validation; comparisons pass :data:`EVAL_TOKENS`): every window of
+    :func:`moe_lab.data.val_windows(data, seq_len, tokens) <moe_lab.data.val_windows>`, each token weighted
+    equally, ``batch_size`` windows per forward pass (the result does not depend on it beyond float rounding).
+    Without ``tokens`` (legacy, for notebooks 08-13 until they move): the mean over ``batches`` batches of
+    ``batch_size`` random windows drawn with ``seed``."""
     _check_run(model, data, batch_size, seq_len)
-    check_int("batches", batches, 1)
-    losses = [float(out.ce) for out in _eval_batches(model, data, batch_size, seq_len, batches, seed)]
-    return sum(losses) / len(losses)
+    total = count = 0.0
+    for out, n in _eval_outputs(model, _eval_windows(data, seq_len, tokens, batch_size, batches, seed)):
+        weight = n if tokens is not None else 1
+        total, count = total + float(out.ce) * weight, count + weight
+    return total / count
 
 
-def evaluate_load(model: MoETransformer, data: torch.Tensor, *, batch_size: int, seq_len: int, batches: int = 4,
-                  seed: int = 0) -> torch.Tensor:
+def evaluate_load(model: MoETransformer, data: torch.Tensor, *, seq_len: int, tokens: int | None = None,
+                  batch_size: int = 16, batches: int = 4, seed: int = 0) -> torch.Tensor:
     """``[n_moe_layers, E]`` token-slots per expert over the same windows as :func:`evaluate` (eval mode):
     ``metrics.max_violation_tensor`` of it is Wang et al.'s MaxVio_global per layer."""
     _check_run(model, data, batch_size, seq_len)
-    check_int("batches", batches, 1)
     loads = [torch.stack([i.tokens_per_expert.cpu() for i in out.infos]) if out.infos
              else torch.zeros(0, dtype=torch.long)
-             for out in _eval_batches(model, data, batch_size, seq_len, batches, seed)]
+             for out, _ in _eval_outputs(model, _eval_windows(data, seq_len, tokens, batch_size, batches, seed))]
     return torch.stack(loads).sum(0)
 
 
@@ -150,7 +172,8 @@ def _record(history: History, outputs: list, start: float) -> None:
 def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: int = 16, seq_len: int = 64,
           lr: float = 3e-3, warmup: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0,
           grad_accum: int = 1, hooks: Sequence[TrainHook] = (), val_data: torch.Tensor | None = None,
-          eval_every: int = 0, seed: int = 0, progress: bool = True, desc: str | None = None) -> History:
+          eval_every: int = 0, eval_tokens: int | None = None, seed: int = 0, progress: bool = True,
+          desc: str | None = None) -> History:
     """Train ``model`` on random windows of ``data: [N]`` token ids with AdamW for ``steps`` optimiser steps.
 
     Each step draws ``grad_accum * batch_size`` windows (one draw from a generator seeded with ``seed``), runs
@@ -158,8 +181,9 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
     the gradient norm to ``grad_clip`` (0 = off) and steps the optimizer. The loss is
     :meth:`MoETransformer.loss` (cross-entropy + weighted auxiliary losses). ``hooks``
     (:class:`moe_lab.hooks.TrainHook`) run after the model's own ``model.training_hooks()`` (e.g. the
-    aux-loss-free bias balancer). With ``val_data`` and ``eval_every > 0`` the validation loss is recorded
-    every ``eval_every`` steps and at the end. ``progress`` shows a tqdm bar (a widget in notebooks).
+    aux-loss-free bias balancer). With ``val_data`` and ``eval_every > 0`` the validation loss (:func:`evaluate`
+    with ``tokens=eval_tokens``; None: its legacy random windows) is recorded every ``eval_every`` steps and at
+    the end. A hook may end the run early (``state.stop = True``). ``progress`` shows a tqdm bar.
     Raises ``FloatingPointError`` as soon as the loss is NaN or infinite (unless a hook skipped that step).
     """
     _check_run(model, data, batch_size, seq_len, val_data)
@@ -210,8 +234,11 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
             raise FloatingPointError(f"the loss is {history.loss[-1]} at step {step}: training diverged "
                                      f"(try a learning rate below lr={lr}, gradient clipping or the z-loss)")
         if val_data is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            history.val.append((step + 1, evaluate(model, val_data, batch_size=batch_size, seq_len=seq_len)))
+            history.val.append((step + 1, evaluate(model, val_data, seq_len=seq_len, tokens=eval_tokens,
+                                                   batch_size=batch_size)))
         bar.set_postfix(loss=f"{history.ce[-1]:.3f}")
+        if state.stop:
+            break
     for hook in hooks:
         hook.on_train_end(state)
     return history

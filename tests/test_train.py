@@ -195,3 +195,52 @@ def test_history_max_violation_and_eval_load():
     load = evaluate_load(model, data, batch_size=2, seq_len=16, batches=3)
     assert load.shape == (2, 8) and torch.all(load.sum(-1) == 3 * 2 * 16 * 2)
     assert model.training
+
+
+def test_a_hook_can_stop_a_run_early_without_shortening_its_schedule():
+    class Stop(TrainHook):
+        def __init__(self):
+            self.lrs = []
+
+        def on_step_start(self, state):
+            self.lrs.append(state.lr)
+
+        def after_optimizer_step(self, state):
+            state.stop = state.step == 2
+
+    hook = Stop()
+    h = train(MoETransformer(toy_config("dense", **SMALL)), torch.arange(2000) % 256, steps=50, batch_size=2,
+              seq_len=8, warmup=2, hooks=[hook], progress=False)
+    assert len(h.ce) == 3
+    assert hook.lrs == pytest.approx([lr_at(s, 50, 3e-3, 2) for s in range(3)])  # the 50-step schedule
+
+
+def test_periodic_validation_on_fixed_windows():
+    data = torch.arange(5000) % 251
+    model = MoETransformer(toy_config("dense", **SMALL))
+    h = train(model, data, steps=4, batch_size=2, seq_len=8, val_data=data, eval_every=2, eval_tokens=256,
+              progress=False)
+    assert [s for s, _ in h.val] == [2, 4]
+    assert h.val[-1][1] == pytest.approx(evaluate(model, data, seq_len=8, tokens=256, batch_size=5), rel=1e-5)
+    legacy = evaluate(model, data, seq_len=8, batch_size=2, batches=3, seed=1)  # random windows (notebooks 08-13)
+    g = torch.Generator().manual_seed(1)
+    model.eval()
+    with torch.no_grad():
+        expected = sum(float(model.loss(*get_batch(data, 2, 8, g)).ce) for _ in range(3)) / 3
+    assert legacy == pytest.approx(expected)
+
+
+def test_eval_load_on_fixed_windows_counts_every_token_slot():
+    model = MoETransformer(toy_config("mixtral", **SMALL))
+    load = evaluate_load(model, torch.arange(3000) % 256, seq_len=16, tokens=320, batch_size=7)
+    assert load.shape == (2, 8) and torch.all(load.sum(-1) == 320 * 2)  # 20 windows of 16 tokens, top-2
+
+
+def test_evaluate_names_bad_arguments():
+    model, data = MoETransformer(toy_config("dense", **SMALL)), torch.arange(500) % 256
+    with pytest.raises(ValueError, match="batches must be an integer >= 1"):
+        evaluate(model, data, seq_len=8, batch_size=2, batches=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        evaluate(model, data, seq_len=8, tokens=64, batch_size=0)
+    with pytest.raises(ValueError, match="tokens must be an integer >= 8"):
+        evaluate(model, data, seq_len=8, tokens=4)

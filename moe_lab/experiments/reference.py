@@ -1,0 +1,54 @@
+"""The course's reference runs (add yours here: a :class:`ReferenceRun` passed to :func:`register`, then
+``python -m moe_lab.experiments run NAME`` to store its result; see the README, "Evidence")."""
+from __future__ import annotations
+
+from ..model import toy_config
+from .budget import Budget
+from .claims import Claim, compare
+from .registry import ReferenceRun, register
+from .runner import Setup
+
+SWITCH = "Fedus et al. 2021 (Switch Transformer)"
+MOE_FAMILY = {"switch": ("the Switch preset (top-1, capacity factor 1.0)", SWITCH),
+              "glam": ("the GLaM preset (top-2, MoE every other layer)", "Du et al. 2021 (GLaM)"),
+              "st_moe": ("the ST-MoE preset (top-2, capacity factor 1.25, z-loss)", "Zoph et al. 2022 (ST-MoE)"),
+              "mixtral": ("the Mixtral preset (top-2, dropless)", "Jiang et al. 2024 (Mixtral)")}
+"""Notebook 07's MoE presets: ``arm: (how the notebook names it, the paper that reports MoE beating dense)``."""
+DENSE = "the dense model (equal active FLOPs)"
+
+
+def switch_family_claims(result: dict) -> dict[str, Claim]:
+    """What notebook 07 states from ``switch_family``: each MoE preset against the dense model at equal active
+    FLOPs (validation CE), the aux-loss control for Switch (end-of-run MaxVio, dropped slots, validation CE), the
+    slots Switch drops at capacity factor 1.0 against ST-MoE's 1.25, and the time per step on this machine."""
+    claims = {f"{arm} vs dense": compare(result, arm, "dense", subject=label, other=DENSE, expected="lower",
+                                         source=source)
+              for arm, (label, source) in MOE_FAMILY.items()}
+    switch, no_aux = "Switch with its aux loss", "Switch without it"
+    claims["aux: max_vio"] = compare(result, "switch", "switch, aux 0", "max_vio", subject=switch, other=no_aux,
+                                     digits=2, expected="lower", source=SWITCH)
+    claims["aux: drop_rate"] = compare(result, "switch", "switch, aux 0", "drop_rate", subject=switch, other=no_aux,
+                                       digits=1, scale=100, unit="percentage points")
+    claims["aux: val_ce"] = compare(result, "switch", "switch, aux 0", subject=switch, other=no_aux)
+    claims["drops: switch vs st_moe"] = compare(result, "switch", "st_moe", "drop_rate",
+                                                subject=MOE_FAMILY["switch"][0], other=MOE_FAMILY["st_moe"][0],
+                                                digits=1, scale=100, unit="percentage points")
+    claims["step time"] = compare(result, "mixtral", "dense", "step_ms", subject="the Mixtral preset", other=DENSE,
+                                  digits=1)
+    return claims
+
+
+SWITCH_FAMILY = register(ReferenceRun(
+    name="switch_family",
+    description="Notebook 07: the toy Switch, GLaM, ST-MoE and Mixtral presets against the dense preset, all with "
+                "the same active FFN width, each trained to the end of its own schedule within the training FLOPs "
+                "of 800 dense steps; plus Switch without its aux loss (the control)",
+    arms={"dense": toy_config("dense"), "switch": toy_config("switch"),
+          "switch, aux 0": toy_config("switch", aux_coef=0.0), "glam": toy_config("glam"),
+          "st_moe": toy_config("st_moe"), "mixtral": toy_config("mixtral")},
+    budget=Budget.of("flops", toy_config("dense"), 800, batch_size=16, seq_len=64),
+    seeds=(0, 1, 2, 3, 4),
+    setup=Setup(eval_points=3),
+    claims=switch_family_claims,
+    notebooks=("07_switch_glam_stmoe",),
+))
