@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..model import toy_config
-from .budget import Budget
+from .budget import Budget, matched_dense
 from .claims import Claim, compare
 from .registry import ReferenceRun, register
 from .runner import Setup
@@ -52,3 +52,57 @@ SWITCH_FAMILY = register(ReferenceRun(
     claims=switch_family_claims,
     notebooks=("07_switch_glam_stmoe",),
 ))
+
+
+CAPSTONE_MOE = toy_config("mixtral", n_layers=2)
+"""Notebook 13's MoE: ``d_model`` 64, 2 layers, 8 experts of width 128, top-2, dropless, aux loss 1e-2."""
+CAPSTONE_ARMS = {"moe": CAPSTONE_MOE, "dense, equal FLOPs": matched_dense(CAPSTONE_MOE, "active_flops"),
+                 "dense, equal params": matched_dense(CAPSTONE_MOE, "total_params")}
+CAPSTONE_BUDGET = Budget.of("flops", CAPSTONE_ARMS["dense, equal FLOPs"], 800, batch_size=16, seq_len=64)
+CAPSTONE_NAMES = {"moe": "the MoE model (8 experts, top-2)",
+                  "dense, equal FLOPs": "the dense model with equal active FLOPs",
+                  "dense, equal params": "the dense model with equal total parameters"}
+"""How notebook 13 names the capstone's arms in sentences."""
+CAPSTONE_LRS = (1e-3, 1e-2)
+"""The learning rates of the capstone's sweep besides ``Setup``'s default 3e-3 (which the capstone run holds)."""
+
+
+def capstone_claims(result: dict) -> dict[str, Claim]:
+    """What notebook 13 states from ``capstone``: the MoE model against each dense baseline at the same training
+    FLOPs (validation CE; Switch reports MoE ahead of the dense model with equal FLOPs per token), and the time
+    per step of the MoE model against the dense model with equal FLOPs on this machine."""
+    moe = CAPSTONE_NAMES["moe"]
+    return {
+        "moe vs equal flops": compare(result, "moe", "dense, equal FLOPs", subject=moe,
+                                      other=CAPSTONE_NAMES["dense, equal FLOPs"], expected="lower", source=SWITCH),
+        "moe vs equal params": compare(result, "moe", "dense, equal params", subject=moe,
+                                       other=CAPSTONE_NAMES["dense, equal params"]),
+        "step time": compare(result, "moe", "dense, equal FLOPs", "step_ms", subject=moe,
+                             other=CAPSTONE_NAMES["dense, equal FLOPs"], digits=1),
+    }
+
+
+CAPSTONE = register(ReferenceRun(
+    name="capstone",
+    description="Notebook 13: an MoE model (8 experts of width 128, top-2) against the dense models with equal "
+                "active FLOPs and with equal total parameters (widths from the calculator), each trained to the "
+                "end of its own schedule within the training FLOPs of 800 steps of the equal-FLOPs dense model",
+    arms=CAPSTONE_ARMS,
+    budget=CAPSTONE_BUDGET,
+    seeds=(0, 1, 2, 3, 4),
+    setup=Setup(eval_points=4),
+    claims=capstone_claims,
+    notebooks=("13_capstone",),
+))
+
+CAPSTONE_SWEEP = {lr: register(ReferenceRun(
+    name=f"capstone_lr_{lr:g}",
+    description=f"Notebook 13's learning-rate sweep: the capstone's MoE model and its equal-FLOPs dense baseline "
+                f"at peak learning rate {lr:g} (the capstone run holds 3e-3), same budget, seeds 0-2",
+    arms={arm: CAPSTONE_ARMS[arm] for arm in ("moe", "dense, equal FLOPs")},
+    budget=CAPSTONE_BUDGET,
+    seeds=(0, 1, 2),
+    setup=Setup(lr=lr),
+    notebooks=("13_capstone",),
+)) for lr in CAPSTONE_LRS}
+"""``{lr: ReferenceRun}``: the sweep that tunes the equal-FLOPs baseline as hard as the MoE model."""
