@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ..model import toy_config
 from .budget import Budget, matched_dense
-from .claims import Claim, compare
+from .claims import Claim, claim, compare
 from .registry import ReferenceRun, register
 from .runner import Setup
+from .stats import paired_difference
 
 SWITCH = "Fedus et al. 2021 (Switch Transformer)"
 MOE_FAMILY = {"switch": ("the Switch preset (top-1, capacity factor 1.0)", SWITCH),
@@ -65,6 +66,7 @@ CAPSTONE_NAMES = {"moe": "the MoE model (8 experts, top-2)",
 """How notebook 13 names the capstone's arms in sentences."""
 CAPSTONE_LRS = (1e-3, 1e-2)
 """The learning rates of the capstone's sweep besides ``Setup``'s default 3e-3 (which the capstone run holds)."""
+SWEEP_SEEDS = (0, 1, 2)
 
 
 def capstone_claims(result: dict) -> dict[str, Claim]:
@@ -101,8 +103,27 @@ CAPSTONE_SWEEP = {lr: register(ReferenceRun(
                 f"at peak learning rate {lr:g} (the capstone run holds 3e-3), same budget, seeds 0-2",
     arms={arm: CAPSTONE_ARMS[arm] for arm in ("moe", "dense, equal FLOPs")},
     budget=CAPSTONE_BUDGET,
-    seeds=(0, 1, 2),
+    seeds=SWEEP_SEEDS,
     setup=Setup(lr=lr),
     notebooks=("13_capstone",),
 )) for lr in CAPSTONE_LRS}
 """``{lr: ReferenceRun}``: the sweep that tunes the equal-FLOPs baseline as hard as the MoE model."""
+
+
+def capstone_sweep(results: dict[float, dict]) -> tuple[dict[str, dict[float, float]], dict[str, float], Claim]:
+    """The learning-rate sweep of notebook 13 from ``results`` (``{lr: result}``: the ``capstone_lr_*`` results and
+    ``capstone`` at its 3e-3, whose seeds 0-2 are used): ``(mean validation CE {arm: {lr: value}}, the best lr of
+    each arm, the claim)``; the claim compares the MoE model at its best learning rate with the equal-FLOPs dense
+    model at its own best, paired over the seeds the sweep ran."""
+    arms = ("moe", "dense, equal FLOPs")
+
+    def val(lr: float, arm: str) -> list[float]:
+        return [r["val_ce"] for r in results[lr]["runs"][arm] if r["seed"] in SWEEP_SEEDS]
+
+    table = {arm: {lr: sum(val(lr, arm)) / len(SWEEP_SEEDS) for lr in sorted(results)} for arm in arms}
+    best = {arm: min(table[arm], key=table[arm].get) for arm in arms}
+    diff = paired_difference(val(best["moe"], "moe"), val(best["dense, equal FLOPs"], "dense, equal FLOPs"))
+    text = claim(diff, subject=f"{CAPSTONE_NAMES['moe']} at its best learning rate ({best['moe']:g})",
+                 other=f"{CAPSTONE_NAMES['dense, equal FLOPs']} at its own best ({best['dense, equal FLOPs']:g})",
+                 quantity="validation cross-entropy", unit="nats", expected="lower", source=SWITCH)
+    return table, best, text
