@@ -218,3 +218,29 @@ def test_moe_block_reference_matches_a_slow_block():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     losses = train_moe_block(*args)[0]
     assert losses[-1] < losses[0]  # it trains
+
+
+def test_the_learning_rate_sweep_claim_is_rendered_from_the_stored_runs_and_shown():
+    import statistics
+
+    from moe_lab.experiments import load_result, reference_run
+    from moe_lab.experiments.reference import CAPSTONE_LRS, SWEEP_SEEDS, capstone_sweep
+    from moe_lab.experiments.stats import t_quantile
+    from tests.test_evidence import notebook_outputs
+
+    results = {reference_run("capstone").setup.lr: load_result("capstone"),
+               **{lr: load_result(f"capstone_lr_{lr:g}") for lr in CAPSTONE_LRS}}
+    table, best, tuned = capstone_sweep(results)
+
+    def val(lr, arm):  # recomputed here from the stored runs
+        return [r["val_ce"] for r in results[lr]["runs"][arm] if r["seed"] in SWEEP_SEEDS]
+
+    for arm in ("moe", "dense, equal FLOPs"):
+        means = {lr: statistics.fmean(val(lr, arm)) for lr in results}
+        assert table[arm] == pytest.approx(means) and best[arm] == min(means, key=means.get)
+    d = [a - b for a, b in zip(val(best["moe"], "moe"), val(best["dense, equal FLOPs"], "dense, equal FLOPs"))]
+    half = t_quantile(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+    mean = statistics.fmean(d)
+    verdict = "lower" if mean + half < 0 else "higher" if mean - half > 0 else "unresolved"
+    assert tuned.verdict == verdict and tuned.diff.mean == pytest.approx(mean)
+    assert tuned.text in notebook_outputs("13_capstone")
