@@ -13,6 +13,8 @@ Per row: ``train_ms``, the wall time of a ``train(...)`` call per optimiser step
 ``step_ms``, a bare step (batch, forward and loss, backward, clipping, AdamW) on the same model and data; their
 difference over ``train_ms`` is the loop's per-step bookkeeping (``bookkeeping``: history, statistics, hooks).
 Rows run interleaved, ``steps`` steps per row and round, medians over ``rounds`` after one warm-up round.
+``clock="cpu"`` times with the process's CPU time instead of the wall clock: with one thread it hardly changes
+when other processes share the cores (a shared machine), which the wall clock does.
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ class ModelBenchConfig:
     steps: int = 10
     rounds: int = 5
     seed: int = 0
+    clock: str = "wall"
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 MODEL_SIZES = {"capstone": ModelBenchConfig(),
@@ -87,22 +93,26 @@ def _train_kwargs(row: str, model: MoETransformer, cfg: ModelBenchConfig) -> dic
 
 def _bare_steps(model: MoETransformer, data: torch.Tensor, cfg: ModelBenchConfig, g: torch.Generator) -> float:
     """Median seconds of ``cfg.steps`` bare optimiser steps (what ``train`` does minus its bookkeeping)."""
+    clock = CLOCKS[cfg.clock]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     times = []
     for _ in range(cfg.steps):
-        start = time.perf_counter()
+        start = clock()
         x, y = get_batch(data, cfg.batch_size, cfg.seq_len, g)
         opt.zero_grad(set_to_none=True)
         model.loss(x, y).total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
 def run_model_benchmark(cfg: ModelBenchConfig = ModelBenchConfig(), rows: tuple[str, ...] = MODEL_ROWS
                         ) -> list[ModelBenchRow]:
     """Time every row on the same random byte data (CPU, the current thread setting)."""
+    if cfg.clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {cfg.clock!r}")
+    clock = CLOCKS[cfg.clock]
     seed_everything(cfg.seed)
     data = torch.randint(0, 256, (200_000,), generator=torch.Generator().manual_seed(cfg.seed))
     models = {}
@@ -114,10 +124,10 @@ def run_model_benchmark(cfg: ModelBenchConfig = ModelBenchConfig(), rows: tuple[
     bare: dict[str, list[float]] = {row: [] for row in rows}
     for round_ in range(cfg.rounds + 1):  # round 0 warms up
         for row, model in models.items():
-            start = time.perf_counter()
+            start = clock()
             train(model, data, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=1e-3,
                   seed=round_, progress=False, **_train_kwargs(row, model, cfg))
-            per_step = (time.perf_counter() - start) / cfg.steps
+            per_step = (clock() - start) / cfg.steps
             step = _bare_steps(model, data, cfg, g)
             if round_:
                 trained[row].append(per_step)
