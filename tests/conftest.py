@@ -51,3 +51,24 @@ def _seed():
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only what will really run counts
+def pytest_collection_modifyitems(config, items):
+    """Run each notebook once: a lecture notebook whose "run all" the browser test will check (as nbval would,
+    see ``tests/test_browser.py``) leaves nbval; without the browser test (no Chromium, or deselected) nbval runs
+    it. Then the longest scopes first (the browser's notebooks, then every notebook under nbval), so that
+    ``pytest-xdist --dist loadscope`` does not start a long one last."""
+    in_browser = {getattr(item.cls, "notebook", None) for item in items
+                  if item.nodeid.startswith("tests/test_browser.py::") and item.name.startswith("test_run_all")}
+    dropped = [item for item in items if item.path.suffix == ".ipynb" and item.path.parent.name == "notebooks"
+               and item.path.name in in_browser]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        kept = set(map(id, dropped))
+        items[:] = [item for item in items if id(item) not in kept]
+
+    def weight(item) -> int:
+        return 0 if item.nodeid.startswith("tests/test_browser.py::") else 1 if item.path.suffix == ".ipynb" else 2
+
+    items.sort(key=weight)  # stable: the order inside each group stays
