@@ -44,6 +44,7 @@ TEST_SETTINGS = {  # JupyterLab's defaults, but quiet, offline, and every cell k
 RUN_TIMEOUT_S = 240  # "run all" of the slowest notebook, with room for a busy 2-core machine
 UI_TIMEOUT_MS = 60_000
 NOTEBOOKS = [path.name for path in widget_notebooks()]
+pytestmark = pytest.mark.slow
 
 
 def _server_url(runtime: Path, pid: int) -> str | None:

@@ -36,6 +36,7 @@ def test_verdict_lines(capsys):
     assert lines[2] == "[TODO] 01.1 ffn_params: not implemented yet (0/1 points)"
 
 
+@pytest.mark.slow
 def test_never_raises_on_broken_answers():
     def crash(*args):
         raise KeyError("boom")
@@ -67,6 +68,7 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+@pytest.mark.slow
 def test_hard_coded_visible_answers_fail_hidden_cases():
     for ex_id, ex in REGISTRY.items():
         seed_everything(0)
