@@ -72,37 +72,63 @@ def _model_hooks(model: torch.nn.Module) -> list[TrainHook]:
     return [balancer] if balancer.layers else []
 
 
-def _record(history: History, outputs: list[LossOutput], start: float, record: list[str]) -> None:
-    """Append one optimiser step (its micro-batches' outputs) to ``history``: the losses, the ``record`` terms
-    (computed now, without gradients, where the loss did not need them) and the drop rates come back in one
-    read; the loads stay on their device."""
-    history.step_time.append(time.perf_counter() - start)
-    infos = [info for out in outputs for info in out.infos]
-    with torch.no_grad():
-        per_output = [torch.stack([out.total, out.ce, *(out.term(t) for t in record)]).detach().double()
-                      for out in outputs]  # [n, 2 + len(record)]
-        drops = [(~info.keep).float().mean().double() for info in infos if info.keep is not None]  # dropless layers: 0
-        values = torch.cat([torch.stack(per_output).T.flatten(), torch.stack(drops) if drops else per_output[0][:0]])
-        values = values.tolist()
-    n = len(outputs)
-    means = [sum(values[i * n:(i + 1) * n]) / n for i in range(2 + len(record))]
-    history.loss.append(means[0])
-    history.ce.append(means[1])
-    for term, value in zip(record, means[2:]):
-        history.terms.setdefault(term, []).append(value)
-    history.drop_rate.append(sum(values[(2 + len(record)) * n:]) / len(infos) if infos else 0.0)
-    if outputs[0].infos:
-        history.tokens_per_expert.append(sum(torch.stack([info.tokens_per_expert for info in out.infos])
-                                             for out in outputs))
-    else:
-        history.tokens_per_expert.append(torch.zeros(0, dtype=torch.long))
+class _StepLog:
+    """The loop's per-step records: the losses, the ``record`` terms (computed without gradients where the loss
+    did not need them) and the drop rates of each step stay on the device until :meth:`flush` reads every pending
+    step back in one transfer (a GPU waits for the device once per flush); the loads stay on the device."""
+
+    def __init__(self, history: History, record: list[str], device: torch.device, lr: float):
+        self.history, self.record, self.device, self.lr = history, record, device, lr
+        self.pending: list[tuple[int, torch.Tensor, int, int, bool]] = []
+        self.window_start = time.perf_counter()
+
+    def add(self, step: int, outputs: list[LossOutput], skipped: bool) -> None:
+        infos = [info for out in outputs for info in out.infos]
+        with torch.no_grad():
+            per_output = [torch.stack([out.total, out.ce, *(out.term(t) for t in self.record)]).detach().double()
+                          for out in outputs]  # [n, 2 + len(record)]
+            drops = [(~info.keep).float().mean().double() for info in infos if info.keep is not None]
+            values = torch.cat([torch.stack(per_output).T.flatten(), torch.stack(drops) if drops else per_output[0][:0]])
+        self.pending.append((step, values, len(outputs), len(infos), skipped))
+        if outputs[0].infos:
+            self.history.tokens_per_expert.append(sum(torch.stack([info.tokens_per_expert for info in out.infos])
+                                                      for out in outputs))
+        else:
+            self.history.tokens_per_expert.append(torch.zeros(0, dtype=torch.long))
+
+    def flush(self) -> None:
+        """Read the pending steps into the history (times: the window's wall time shared equally); raise
+        ``FloatingPointError`` at the first non-finite loss of a step no hook skipped."""
+        if not self.pending:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        per_step = (now - self.window_start) / len(self.pending)
+        values = torch.cat([v for _, v, _, _, _ in self.pending]).tolist()
+        h, columns, offset = self.history, 2 + len(self.record), 0
+        for step, _, n, n_infos, skipped in self.pending:
+            means = [sum(values[offset + i * n:offset + (i + 1) * n]) / n for i in range(columns)]
+            drops = values[offset + columns * n:offset + columns * n + n_infos]
+            offset += columns * n + len(drops)
+            h.step_time.append(per_step)
+            h.loss.append(means[0])
+            h.ce.append(means[1])
+            for term, value in zip(self.record, means[2:]):
+                h.terms.setdefault(term, []).append(value)
+            h.drop_rate.append(sum(drops) / n_infos if n_infos else 0.0)  # dropless layers add 0
+            if not math.isfinite(means[0]) and not skipped:
+                self.pending = []
+                raise FloatingPointError(f"the loss is {means[0]} at step {step}: training diverged (try a learning "
+                                         f"rate below lr={self.lr}, gradient clipping or the z-loss)")
+        self.pending, self.window_start = [], now
 
 
 def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: int = 16, seq_len: int = 64,
           lr: float = 3e-3, warmup: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0,
           grad_accum: int = 1, hooks: Sequence[TrainHook] = (), val_data: torch.Tensor | None = None,
           eval_every: int = 0, seed: int = 0, progress: bool = True, desc: str | None = None,
-          record: Sequence[str] = ()) -> History:
+          record: Sequence[str] = (), sync_every: int = 1) -> History:
     """Train ``model`` on random windows of ``data: [N]`` token ids with AdamW for ``steps`` optimiser steps.
 
     Each step draws ``grad_accum * batch_size`` windows (one draw from a generator seeded with ``seed``), runs
@@ -113,13 +139,19 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
     balancer). With ``val_data`` and ``eval_every > 0`` the validation loss is recorded every ``eval_every``
     steps and at the end. ``progress`` shows a tqdm bar (a widget in notebooks). ``record``: auxiliary loss
     terms (names of :data:`moe_lab.losses.AUX_LOSSES`) to record in ``History.terms`` every step even at zero
-    weight (the weighted ones are always recorded).
-    Raises ``FloatingPointError`` as soon as the loss is NaN or infinite (unless a hook skipped that step).
+    weight (the weighted ones are always recorded). ``sync_every``: read the step records back from the device
+    every this many steps (and at the end and before an evaluation), one transfer each time: on a GPU the loop
+    then waits for the device once per ``sync_every`` steps; ``history.step_time`` gives each step of a window
+    the window's mean, and the bar and ``history`` lag by up to ``sync_every - 1`` steps.
+    Raises ``FloatingPointError`` when the loss of a step is NaN or infinite (unless a hook skipped that step),
+    at the read that brings it back.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
+    if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+        raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
     hooks = [*_model_hooks(model), *hooks]
     for hook in hooks:
         if not isinstance(hook, TrainHook):
@@ -137,9 +169,9 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
     model.train()
     for hook in hooks:
         hook.on_train_start(state)
+    log = _StepLog(history, state.record, device, lr)
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
-        start = time.perf_counter()
         state.step, state.lr, state.skip_step, state.outputs = step, lr_at(step, steps, lr, warmup), False, []
         for group in opt.param_groups:
             group["lr"] = state.lr
@@ -158,15 +190,13 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
             opt.step()
         for hook in hooks:
             hook.after_optimizer_step(state)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        _record(history, state.outputs, start, state.record)
-        if not math.isfinite(history.loss[-1]) and not state.skip_step:
-            raise FloatingPointError(f"the loss is {history.loss[-1]} at step {step}: training diverged "
-                                     f"(try a learning rate below lr={lr}, gradient clipping or the z-loss)")
-        if val_data is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        log.add(step, state.outputs, state.skip_step)
+        evaluating = val_data is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps)
+        if (step + 1) % sync_every == 0 or step + 1 == steps or evaluating:
+            log.flush()
+            bar.set_postfix(loss=f"{history.ce[-1]:.3f}")
+        if evaluating:
             history.val.append((step + 1, evaluate(model, val_data, batch_size=batch_size, seq_len=seq_len)))
-        bar.set_postfix(loss=f"{history.ce[-1]:.3f}")
     for hook in hooks:
         hook.on_train_end(state)
     return history

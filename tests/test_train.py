@@ -243,3 +243,24 @@ def test_train_adds_the_bias_balancer_the_layers_need():
     for quiet in (toy_config("deepseek_v3", bias_update_rate=0.0, **SMALL), toy_config("deepseek_v1", **SMALL)):
         h = train(MoETransformer(quiet), data, steps=1, batch_size=2, seq_len=16, progress=False)
         assert "expert_bias" not in h.extra
+
+
+def test_reading_the_records_every_few_steps_gives_the_same_history():
+    """sync_every=N reads the step records back once per N steps (a GPU then waits once per N steps): the same
+    values as reading every step; a diverged loss still stops training, naming its step."""
+    data = stdlib_corpus(5000)
+    runs = []
+    for sync_every in (1, 3):
+        torch.manual_seed(0)
+        runs.append(train(MoETransformer(toy_config("switch", **SMALL)), data, steps=7, batch_size=2, seq_len=16,
+                          progress=False, sync_every=sync_every, record=("z",)))
+    a, b = runs
+    assert (a.loss, a.ce, a.terms, a.drop_rate) == (b.loss, b.ce, b.terms, b.drop_rate) and len(b.step_time) == 7
+    assert torch.equal(a.expert_load(), b.expert_load())
+    model = MoETransformer(toy_config("dense", **SMALL))  # (an MoE layer would refuse the NaN input at step 1)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):  # found at the read after step 3
+        train(model, data, steps=5, batch_size=2, seq_len=16, progress=False, sync_every=4)
+    with pytest.raises(ValueError, match="sync_every"):
+        train(model, data, steps=1, sync_every=0, progress=False)
