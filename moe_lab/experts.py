@@ -177,97 +177,81 @@ def _run_shares(work: Callable[[list[Group]], None], groups: list[Group], thread
         raise errors[0]
 
 
-class _Groups:
-    """The GEMMs of a grouped computation (``counts``: rows per expert, a list) for :class:`_ExpertMLP`: one
-    ``F.grouped_mm`` per GEMM where it takes the operands (``fused``) and one thread runs them; otherwise one
-    ``torch.mm`` per expert on contiguous row slices into one buffer, the experts shared among ``threads`` threads
-    (:func:`_run_shares`). Both give the same bits (``grouped_mm`` on a CPU multiplies each group as ``mm`` does)."""
-
-    def __init__(self, counts: list[int], threads: int, fused: bool, device: torch.device):
-        self.groups, self.threads = _groups(counts), threads
-        self.fused = fused and threads == 1
-        self.offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32) if self.fused else None
-
-    def rows(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``[S, N]``: rows of expert ``e`` of ``a: [S, K]`` times ``w[e]`` (``w: [E, K, N]``, may be a view)."""
-        if self.fused:
-            return F.grouped_mm(a, w, offs=self.offs)
-        out = a.new_empty(a.shape[0], w.shape[-1])
-
-        def work(share: list[Group]) -> None:
-            for e, rows in share:
-                torch.mm(a[rows], w[e], out=out[rows])
-
-        _run_shares(work, self.groups, self.threads)
-        return out
-
-    def weights(self, a: torch.Tensor, b: torch.Tensor, num_experts: int) -> torch.Tensor:
-        """``[E, K, N]``: ``a[rows_e].T @ b[rows_e]`` per expert (zero for an expert without rows)."""
-        if self.fused:
-            return F.grouped_mm(a.T, b, offs=self.offs)
-        out = a.new_zeros(num_experts, a.shape[1], b.shape[1])
-
-        def work(share: list[Group]) -> None:
-            for e, rows in share:
-                torch.mm(a[rows].T, b[rows], out=out[e])
-
-        _run_shares(work, self.groups, self.threads)
-        return out
-
-
 class _ExpertMLP(torch.autograd.Function):
-    """Every expert's MLP on its consecutive rows, with a hand-written backward.
+    """Every expert's MLP on its consecutive rows, one expert at a time, with a hand-written backward.
 
-    ``y_s = scale_s * act(x_s w1[e], x_s w3[e]) w2[e]`` for the rows ``s`` of expert ``e``: the GEMMs grouped by
-    expert (:class:`_Groups`: 3 forward, 6 backward, each one call or one ``mm`` per expert), the element-wise work
-    (activation, gate scale and their gradients) once over all rows: about 15 operations whatever the number of
-    experts. It saves what autograd would for a dense FFN (pre-activations, activations) and the unscaled output,
-    so backward recomputes nothing and the gate's gradient is ``<grad, unscaled output>`` over ``d_model``.
+    ``y_s = scale_s * act(x_s w1[e], x_s w3[e]) w2[e]`` for the rows ``s`` of expert ``e``. Each expert's
+    ``[n, d_ff]`` activations stay small enough for the CPU caches, outputs go straight into one buffer (no
+    ``cat``), only the inputs and pre-activations are saved (backward recomputes the activation), and the
+    experts are shared among ``threads`` threads (:func:`_run_shares`).
     """
 
     @staticmethod
     def forward(ctx, x, scale, counts, threads, w1, w3, w2):
-        fused = (x.device.type == "cpu" and x.shape[0] > 0 and fused_grouped_mm_usable(x, w1)
-                 and fused_grouped_mm_usable(x, w1.mT))
-        gemm = _Groups(counts, threads, fused, x.device)
-        h1 = gemm.rows(x, w1)
-        h3 = silu = None
-        if w3 is None:
-            a = F.gelu(h1)
-        else:
-            h3, silu = gemm.rows(x, w3), F.silu(h1)
-            a = silu * h3
-        y = gemm.rows(a, w2)
-        ctx.gemm = gemm
-        ctx.save_for_backward(x, scale, w1, w3, w2, h1, h3, silu, a, y)
-        return y if scale is None else y * scale[:, None]
+        num_rows, d_ff = x.shape[0], w1.shape[-1]
+        h1 = x.new_empty(num_rows, d_ff)
+        h3 = None if w3 is None else x.new_empty(num_rows, d_ff)
+        y = x.new_empty(num_rows, w2.shape[-1])
+
+        def work(share: list[Group]) -> None:
+            for e, rows in share:
+                h = torch.mm(x[rows], w1[e], out=h1[rows])
+                a = F.gelu(h) if w3 is None else F.silu(h).mul_(torch.mm(x[rows], w3[e], out=h3[rows]))
+                out = torch.mm(a, w2[e], out=y[rows])
+                if scale is not None:
+                    out.mul_(scale[rows, None])
+
+        ctx.groups, ctx.threads = _groups(counts), threads
+        _run_shares(work, ctx.groups, threads)
+        ctx.save_for_backward(x, scale, w1, w3, w2, h1, h3)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, scale, w1, w3, w2, h1, h3, silu, a, y = ctx.saved_tensors
+        x, scale, w1, w3, w2, h1, h3 = ctx.saved_tensors
         need_x, need_scale, _, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
-        gemm, num_experts = ctx.gemm, w1.shape[0]
+        gx = torch.empty_like(x) if need_x else None
+        gs = torch.empty_like(scale) if need_scale else None
+        gw1, gw3, gw2 = (torch.empty_like(w) if need else None for w, need in
+                         ((w1, need_w1), (w3, need_w3), (w2, need_w2)))
         grad = grad.contiguous()
-        gs = None
-        if scale is not None:
-            if need_scale:  # d loss / d scale_s = <grad_s, unscaled output_s>, added in float32
-                gs = torch.linalg.vecdot(grad.float(), y.float()).to(scale.dtype)
-            grad = grad * scale[:, None]
-        ga = gemm.rows(grad, w2.mT)  # d loss / d a
-        if w3 is None:
-            g3, g1 = None, torch.ops.aten.gelu_backward(ga, h1)
-        else:
-            g3 = ga * silu
-            g1 = torch.ops.aten.silu_backward(ga.mul_(h3), h1)
-        gw2 = gemm.weights(a, grad, num_experts) if need_w2 else None
-        gw3 = gemm.weights(x, g3, num_experts) if need_w3 else None
-        gw1 = gemm.weights(x, g1, num_experts) if need_w1 else None
-        gx = None
-        if need_x:
-            gx = gemm.rows(g1, w1.mT)
-            if w3 is not None:
-                gx += gemm.rows(g3, w3.mT)
+
+        def work(share: list[Group]) -> None:
+            for e, rows in share:
+                go, pre = grad[rows], h1[rows]
+                silu = None if w3 is None else F.silu(pre)
+                a = F.gelu(pre) if w3 is None else silu * h3[rows]
+                ga = go @ w2[e].T  # d loss / d a for an unscaled output
+                if scale is not None:
+                    s = scale[rows, None]
+                    if need_scale:  # <go, unscaled output> = <go w2^T, a>, added in float32
+                        gs[rows] = torch.linalg.vecdot(ga.float(), a.float())
+                    go = go * s
+                    ga.mul_(s)
+                if need_w2:
+                    torch.mm(a.T, go, out=gw2[e])
+                if w3 is None:
+                    g1 = torch.ops.aten.gelu_backward(ga, pre)
+                else:
+                    g3 = ga * silu
+                    g1 = torch.ops.aten.silu_backward(ga.mul_(h3[rows]), pre)
+                    if need_w3:
+                        torch.mm(x[rows].T, g3, out=gw3[e])
+                if need_w1:
+                    torch.mm(x[rows].T, g1, out=gw1[e])
+                if need_x:
+                    gxe = torch.mm(g1, w1[e].T, out=gx[rows])
+                    if w3 is not None:
+                        gxe.addmm_(g3, w3[e].T)
+
+        _run_shares(work, ctx.groups, ctx.threads)
+        present = {e for e, _ in ctx.groups}
+        for gw in (gw1, gw3, gw2):
+            if gw is not None:
+                for e in range(gw.shape[0]):
+                    if e not in present:
+                        gw[e].zero_()  # an expert without rows gets zero gradient
         return gx, gs, None, None, gw1, gw3, gw2
 
 
