@@ -254,9 +254,10 @@ def softmax_topk(
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension of ``[T, E]`` logits. With fewer than 16 experts on a CPU it runs over the
     first dimension of the transpose: PyTorch's CPU kernel over a last dimension shorter than its vector is 4-7x
-    slower there (AVX-512, torch 2.13: 156 us against 24 us for ``[1024, 8]``), the same values to rounding."""
+    slower there (AVX-512, torch 2.13: 156 us against 24 us for ``[1024, 8]``), the same values to rounding (the
+    result is a transposed view: its last dimension has stride ``T``)."""
     if logits.device.type == "cpu" and logits.shape[-1] < 16:
-        return logits.T.softmax(dim=0).T.contiguous()
+        return logits.T.softmax(dim=0).T
     return logits.softmax(dim=-1)
 
 
