@@ -216,13 +216,18 @@ def test_gpu_suite_report_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
     from moe_lab.bench import gpu
 
     monkeypatch.setattr(gpu, "run_tests", lambda root: (0, "13 passed"))
-    status = gpu.run_gpu_suite(tmp_path, BenchConfig(**{**TINY.__dict__, "repeats": 1}))
+    from moe_lab.bench import model
+
+    status = gpu.run_gpu_suite(tmp_path, BenchConfig(**{**TINY.__dict__, "repeats": 1}),
+                               {"capstone": model.quick(model.MODEL_SIZES["capstone"])})
     assert status == 0
     report = (tmp_path / "gpu_report.md").read_text()
     assert "13 passed" in report and "TFLOP/s" in report and "Profile of `sorted`" in report
     data = json.loads((tmp_path / "gpu_report.json").read_text())
     assert data["tests_exit_status"] == 0 and data["gemm_tflops"] > 0
     assert [r["implementation"] for r in data["rows"]] == list(IMPLEMENTATIONS)
+    assert [r["row"] for r in data["model_rows"]["capstone"]] == list(model.MODEL_ROWS)
+    assert "Model-level rows" in report
 
 
 def test_gpu_suite_finds_the_test_files():

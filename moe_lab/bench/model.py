@@ -50,6 +50,7 @@ class ModelBenchConfig:
     rounds: int = 5
     seed: int = 0
     clock: str = "wall"
+    device: str = "cpu"
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -93,23 +94,25 @@ def _train_kwargs(row: str, model: MoETransformer, cfg: ModelBenchConfig) -> dic
 
 def _bare_steps(model: MoETransformer, data: torch.Tensor, cfg: ModelBenchConfig, g: torch.Generator) -> float:
     """Median seconds of ``cfg.steps`` bare optimiser steps (what ``train`` does minus its bookkeeping)."""
-    clock = CLOCKS[cfg.clock]
+    clock, device = CLOCKS[cfg.clock], torch.device(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     times = []
     for _ in range(cfg.steps):
         start = clock()
         x, y = get_batch(data, cfg.batch_size, cfg.seq_len, g)
         opt.zero_grad(set_to_none=True)
-        model.loss(x, y).total.backward()
+        model.loss(x.to(device), y.to(device)).total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(clock() - start)
     return statistics.median(times)
 
 
 def run_model_benchmark(cfg: ModelBenchConfig = ModelBenchConfig(), rows: tuple[str, ...] = MODEL_ROWS
                         ) -> list[ModelBenchRow]:
-    """Time every row on the same random byte data (CPU, the current thread setting)."""
+    """Time every row on the same random byte data (on ``cfg.device``; a CPU with the current thread setting)."""
     if cfg.clock not in CLOCKS:
         raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {cfg.clock!r}")
     clock = CLOCKS[cfg.clock]
@@ -118,7 +121,7 @@ def run_model_benchmark(cfg: ModelBenchConfig = ModelBenchConfig(), rows: tuple[
     models = {}
     for row in rows:
         seed_everything(cfg.seed)
-        models[row] = MoETransformer(model_config(row, cfg))
+        models[row] = MoETransformer(model_config(row, cfg)).to(cfg.device)
     g = torch.Generator().manual_seed(cfg.seed)
     trained: dict[str, list[float]] = {row: [] for row in rows}
     bare: dict[str, list[float]] = {row: [] for row in rows}
@@ -127,7 +130,7 @@ def run_model_benchmark(cfg: ModelBenchConfig = ModelBenchConfig(), rows: tuple[
             start = clock()
             train(model, data, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=1e-3,
                   seed=round_, progress=False, **_train_kwargs(row, model, cfg))
-            per_step = (clock() - start) / cfg.steps
+            per_step = (clock() - start) / cfg.steps  # train() waits for the device at its last step
             step = _bare_steps(model, data, cfg, g)
             if round_:
                 trained[row].append(per_step)
