@@ -20,16 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .metrics import _tokens_per_expert, check_groups, expert_groups
 from .routing import check_experts, check_k, dense_gates
 from .validation import check_finite, check_int, check_number, check_tensor, reads_values
-
-if TYPE_CHECKING:
-    from .layer import RoutingInfo
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -285,12 +282,12 @@ class AuxLoss:
     not defined for that layer); ``applies(config)`` says whether a layer with that
     :class:`moe_lab.config.MoEConfig` (or model config) defines it; ``doc`` names it."""
 
-    compute: Callable[["RoutingInfo"], torch.Tensor | None]
+    compute: Callable[[Any], torch.Tensor | None]  # (RoutingInfo) -> loss; the layer imports this module
     doc: str
     applies: Callable[[Any], bool] = lambda config: True
 
 
-def _sequences(info: "RoutingInfo") -> tuple[torch.Tensor, torch.Tensor]:
+def _sequences(info) -> tuple[torch.Tensor, torch.Tensor]:
     """``probs [B, L, E]`` and ``experts [B, L, k]`` per sequence (``x: [B, L, d]``; ``[T, d]`` is one sequence)."""
     seq_len = info.batch_shape[-1] if len(info.batch_shape) >= 2 else info.experts.shape[0]
     return (info.probs.view(-1, seq_len, info.probs.shape[-1]),
