@@ -251,22 +251,12 @@ def softmax_topk(
                          routed_scaling_factor)
 
 
-def _softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension of ``[T, E]`` logits. With fewer than 16 experts on a CPU it runs over the
-    first dimension of the transpose: PyTorch's CPU kernel over a last dimension shorter than its vector is 4-7x
-    slower there (AVX-512, torch 2.13: 156 us against 24 us for ``[1024, 8]``), the same values to rounding (the
-    result is a transposed view: its last dimension has stride ``T``)."""
-    if logits.device.type == "cpu" and logits.shape[-1] < 16:
-        return logits.T.softmax(dim=0).T
-    return logits.softmax(dim=-1)
-
-
 def _softmax_topk(logits: torch.Tensor, k: int, softmax_order: str, renormalize: bool, bias: torch.Tensor | None,
                   n_groups: int, topk_groups: int, group_score: str, routed_scaling_factor: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`softmax_topk` without its checks, on logits already in the gating dtype (the layer's path, after
     :class:`moe_lab.config.MoEConfig` validated the options)."""
-    probs = _softmax(logits)
+    probs = logits.softmax(dim=-1)
     if bias is None:  # logits order experts like probs; groups' top-2 sums compare as logsumexp of logits
         _, experts = _limited_topk(logits, k, n_groups, topk_groups, group_score, log_space=True)
     else:

@@ -156,9 +156,13 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
     for hook in hooks:
         if not isinstance(hook, TrainHook):
             raise ValueError(f"hooks must be moe_lab.hooks.TrainHook objects, got {type(hook).__name__}")
+    cfg = getattr(model, "cfg", None)
     for term in record:
         if term not in AUX_LOSSES:
             raise ValueError(f"record must hold names of moe_lab.losses.AUX_LOSSES {tuple(AUX_LOSSES)}, got {term!r}")
+        if getattr(cfg, "num_experts", 0) and not AUX_LOSSES[term].applies(cfg):
+            raise ValueError(f"record={tuple(record)}: this model's layers do not define {term!r} "
+                             f"({AUX_LOSSES[term].doc})")
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)

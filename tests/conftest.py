@@ -53,6 +53,13 @@ def device(request):
     return torch.device(request.param)
 
 
+def pytest_configure(config):
+    """pytest-xdist's ``--dist loadscope`` reorders the scopes by their number of tests unless told not to: keep the
+    order of :func:`pytest_collection_modifyitems` (longest scopes first; a browser notebook is 2 tests but minutes)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Around the other plugins' changes (``-k`` / ``-m`` deselection): first every nbval notebook cell is marked

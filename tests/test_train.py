@@ -222,6 +222,8 @@ def test_recorded_terms_equal_their_definition_and_unweighted_ones_only_when_ask
         assert h.seq_aux[step] == pytest.approx(sum(seq) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="record must hold names"):
         train(model, data, steps=1, record=("zloss",), progress=False)
+    with pytest.raises(ValueError, match="do not define 'load'"):  # Shazeer's load loss needs the noisy router
+        train(model, data, steps=1, record=("load",), progress=False)
 
 
 class Capture(TrainHook):
