@@ -32,7 +32,7 @@ class BiasBalancer(TrainHook):
     """Updates the selection bias of every :class:`moe_lab.MoELayer` in ``model`` that has one and a
     ``bias_update_rate > 0``, after each optimiser step.
 
-    With :func:`moe_lab.train.train` it runs as a hook (``MoETransformer.training_hooks()`` adds it); in a
+    With :func:`moe_lab.train.train` it runs as a hook (``train`` adds it when a layer needs it); in a
     loop of your own, call :meth:`update` after ``optimizer.step()`` or :meth:`attach` it to the optimizer.
     ``group``: the process group to sum the counts over (default: the world, when initialised).
     After each update it logs the biases (``[n_layers, E]``) as ``history.log("expert_bias", ...)``.
