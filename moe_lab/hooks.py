@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .layer import MoELayer
+from .layer import named_moe_layers
 from .losses import AUX_LOSSES
 from .metrics import max_violation_tensor
 from .validation import check_choice, check_int, check_number, check_type
@@ -227,11 +227,6 @@ class LossWeightSchedule(TrainHook):
             state.history.log(f"{term}_coef", value)
 
 
-def _moe_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{module name: layer}`` of every :class:`moe_lab.MoELayer` in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
-
-
 def _logit_tensors(output: Any) -> list[torch.Tensor]:
     """The logits a router returned (a tensor, or every tensor of a noisy router's ``NoisyLogits``)."""
     return [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
@@ -271,7 +266,7 @@ class RouterMonitor(TrainHook):
                     self._flips[name] = routing_flips(args[0], router.weight, k, self.flips_dtype).flip_rate
             return hook
 
-        for name, layer in _moe_layers(state.model).items():
+        for name, layer in named_moe_layers(state.model).items():
             self._handles.append(layer.router.register_forward_hook(record(name, layer.k)))
 
     def on_step_start(self, state: TrainState) -> None:
@@ -355,7 +350,7 @@ class NaNGuard(TrainHook):
 
     def on_train_start(self, state: TrainState) -> None:
         self._state = state
-        for name, layer in _moe_layers(state.model).items():
+        for name, layer in named_moe_layers(state.model).items():
             self._handles.append(layer.router.register_forward_hook(self._router_hook(name)))
 
     def _router_hook(self, name: str):

@@ -15,7 +15,7 @@ from .losses import AUX_LOSSES
 from .metrics import _tokens_per_expert, drop_rate
 from .routing import (NoisyTopKRouter, Router, _sigmoid_topk, _softmax_topk, check_finite_logits,
                       multiplicative_jitter, normalized_scores)
-from .validation import all_finite, check_finite, check_tensor, reads_values
+from .validation import all_finite, check_finite, check_tensor, check_type, reads_values
 
 
 @dataclass(eq=False)
@@ -270,3 +270,14 @@ class MoELayer(nn.Module):
             if f.name not in shown and value != getattr(default, f.name):
                 text += f", {f.name}={value!r}"
         return text
+
+
+def named_moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """``{module name: layer}`` of every :class:`MoELayer` in ``model``, in registration (forward) order."""
+    check_type("model", model, nn.Module, "a torch.nn.Module (e.g. a moe_lab.MoETransformer)")
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The :class:`MoELayer` modules of ``model``, in registration (forward) order."""
+    return list(named_moe_layers(model).values())
