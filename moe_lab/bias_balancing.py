@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .hooks import TrainHook, TrainState
-from .layer import MoELayer
+from .layer import moe_layers
 from .losses import bias_update
 from .metrics import max_violation_tensor, tokens_per_expert
 from .routing import check_k, sigmoid_topk, softmax_topk
@@ -32,7 +32,7 @@ class BiasBalancer(TrainHook):
     """Updates the selection bias of every :class:`moe_lab.MoELayer` in ``model`` that has one and a
     ``bias_update_rate > 0``, after each optimiser step.
 
-    With :func:`moe_lab.train.train` it runs as a hook (``MoETransformer.training_hooks()`` adds it); in a
+    With :func:`moe_lab.train.train` it runs as a hook (``train`` adds it when a layer needs it); in a
     loop of your own, call :meth:`update` after ``optimizer.step()`` or :meth:`attach` it to the optimizer.
     ``group``: the process group to sum the counts over (default: the world, when initialised).
     After each update it logs the biases (``[n_layers, E]``) as ``history.log("expert_bias", ...)``.
@@ -40,8 +40,7 @@ class BiasBalancer(TrainHook):
 
     def __init__(self, model: nn.Module, *, group: dist.ProcessGroup | None = None):
         check_type("model", model, nn.Module, "a torch.nn.Module with MoE layers (e.g. a moe_lab.MoETransformer)")
-        self.layers = [m for m in model.modules()
-                       if isinstance(m, MoELayer) and m.expert_bias is not None and m.config.bias_update_rate > 0]
+        self.layers = [m for m in moe_layers(model) if m.expert_bias is not None and m.config.bias_update_rate > 0]
         self.group = group
 
     @torch.no_grad()

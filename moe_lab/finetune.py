@@ -20,24 +20,18 @@ from torch import nn
 
 from .config import STRUCTURAL, MoEConfig, MoEOptions
 from .hooks import TrainHook, TrainState
-from .layer import MoELayer
+from .layer import moe_layers, named_moe_layers
 from .validation import check_bool, check_int, check_number, check_type
 
 GROUPS = ("moe", "non_moe", "router")
 """Parameter group names (:func:`parameter_groups`); :func:`set_trainable` also accepts ``"all"``."""
 
 
-def moe_layers_of(model: nn.Module) -> list[MoELayer]:
-    """The :class:`moe_lab.MoELayer` modules of ``model`` in order."""
-    check_type("model", model, nn.Module, "a torch.nn.Module (e.g. a moe_lab.MoETransformer)")
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
 def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """``{group: {parameter name: parameter}}`` for the :data:`GROUPS` (names as in ``model.named_parameters()``,
     in that order; ``router`` is a subset of ``moe``; ``moe`` and ``non_moe`` partition the parameters)."""
     check_type("model", model, nn.Module, "a torch.nn.Module (e.g. a moe_lab.MoETransformer)")
-    moe_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MoELayer))
+    moe_prefixes = tuple(f"{name}." for name in named_moe_layers(model))
     router_prefixes = tuple(f"{prefix}router." for prefix in moe_prefixes)
     groups: dict[str, dict[str, nn.Parameter]] = {name: {} for name in GROUPS}
     for name, p in model.named_parameters():
@@ -92,7 +86,7 @@ def configure_moe(model: nn.Module, **changes) -> None:
     if unknown:
         raise ValueError(f"{', '.join(unknown)} cannot be changed by configure_moe, which changes the MoE layers' "
                          f"options {', '.join(allowed)} (loss coefficients: model.loss_weights)")
-    layers = moe_layers_of(model)
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"model has no MoE layers to configure (got a {type(model).__name__} without MoELayer)")
     cfg = getattr(model, "cfg", None)

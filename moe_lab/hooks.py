@@ -12,9 +12,9 @@ A hook subclasses :class:`TrainHook` and overrides the events it needs; each eve
      and evaluates)
 
 plus ``on_train_start`` / ``on_train_end`` around the whole run, and ``state_dict`` / ``load_state_dict`` for
-checkpoints of the hook's own state. Hooks run in list order: first the model's own
-(``model.training_hooks()``, e.g. :class:`moe_lab.bias_balancing.BiasBalancer` when a layer has a bias update
-rate), then the ones passed to ``train(hooks=...)``.
+checkpoints of the hook's own state. Hooks run in list order: first the ones the model's layers need
+(:class:`moe_lab.bias_balancing.BiasBalancer` when a layer has a bias update rate), then the ones passed to
+``train(hooks=...)``. This module depends on no training code: the loop depends on it.
 """
 from __future__ import annotations
 
@@ -28,11 +28,59 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .layer import named_moe_layers
+from .losses import AUX_LOSSES
+from .metrics import max_violation_tensor
 from .validation import check_choice, check_int, check_number, check_type
 
 if TYPE_CHECKING:
     from .model import LossOutput
-    from .train import History
+
+
+@dataclass
+class History:
+    """Per-step records of a training run (per optimiser step; losses are means over its micro-batches).
+
+    ``terms[name]`` (also ``history.<name>``, e.g. ``history.aux``): the unweighted auxiliary loss ``name`` (a term
+    of :data:`moe_lab.losses.AUX_LOSSES`) summed over the MoE layers, for the terms recorded in this run: those with a
+    non-zero weight when training starts, those asked for with ``train(record=...)`` and those a hook added to
+    ``TrainState.record`` (e.g. :class:`LossWeightSchedule`'s);
+    ``tokens_per_expert[s]``: ``[n_moe_layers, E]`` token-slots per expert at step ``s`` (all micro-batches);
+    ``drop_rate[s]``: mean over MoE layers of the fraction of slots dropped by capacity (0 when dropless);
+    ``val``: ``(step, validation cross-entropy)`` pairs; ``extra``: what hooks logged with :meth:`log`
+    (e.g. ``extra["expert_bias"]``: ``[n_layers, E]`` per step from the bias balancer)."""
+
+    loss: list[float] = field(default_factory=list)
+    ce: list[float] = field(default_factory=list)
+    terms: dict[str, list[float]] = field(default_factory=dict)
+    drop_rate: list[float] = field(default_factory=list)
+    step_time: list[float] = field(default_factory=list)
+    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)
+    val: list[tuple[int, float]] = field(default_factory=list)
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __getattr__(self, attr: str):
+        # ``history.aux`` etc. (only called when normal lookup fails)
+        if attr in AUX_LOSSES and "terms" in self.__dict__:
+            if attr in self.terms:
+                return self.terms[attr]
+            raise AttributeError(f"history.{attr} was not recorded (its weight was 0 and nothing asked for it): "
+                                 f"train(..., record=({attr!r},)) records it")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
+    def log(self, name: str, value: Any) -> None:
+        """Append ``value`` to ``extra[name]`` (for hooks: one entry per step, or whenever they like)."""
+        self.extra.setdefault(name, []).append(value)
+
+    def expert_load(self) -> torch.Tensor:
+        """``[steps, n_moe_layers, E]`` token-slots per expert (empty for a dense model), on the CPU."""
+        if not self.tokens_per_expert or self.tokens_per_expert[0].numel() == 0:
+            return torch.zeros(len(self.loss), 0, 0, dtype=torch.long)
+        return torch.stack(self.tokens_per_expert).cpu()
+
+    def max_violation(self) -> torch.Tensor:
+        """``[steps, n_moe_layers]`` MaxVio of each step's load per layer (Wang et al.'s MaxVio_batch)."""
+        return max_violation_tensor(self.expert_load())
 
 
 @dataclass
@@ -48,11 +96,13 @@ class TrainState:
         NaN policy); the loop then does not raise on a non-finite loss. Reset to False every step.
     stop: set True in any step event to end the run after this step (``on_train_end`` still runs); the
         learning-rate schedule is not shortened (e.g. replaying the first steps of a longer run).
+    record: names of the auxiliary loss terms recorded in ``history.terms`` every step; a hook may add names in
+        ``on_train_start``.
     """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    history: "History"
+    history: History
     steps: int
     step: int = 0
     lr: float = 0.0
@@ -60,6 +110,7 @@ class TrainState:
     grad_norm: torch.Tensor | None = None
     skip_step: bool = False
     stop: bool = False
+    record: list[str] = field(default_factory=list)
 
 
 class TrainHook:
@@ -144,9 +195,9 @@ class LossWeightSchedule(TrainHook):
     """Sets auxiliary-loss coefficients on a schedule: ``LossWeightSchedule(z=Decay(1e-2, 1e-3))``.
 
     Each keyword names a term of ``model.loss_weights`` (``aux``, ``z``, ``seq_aux``, ``device_aux``,
-    ``comm_aux``) and gives ``schedule(step, steps) -> coefficient`` (e.g. a :class:`Decay`) or a constant. At
-    the start of every step the term's weight is set and logged as ``history.extra["<term>_coef"]``. The model
-    keeps the last value after training.
+    ``comm_aux``, ...) and gives ``schedule(step, steps) -> coefficient`` (e.g. a :class:`Decay`) or a constant. At
+    the start of every step the term's weight is set and logged as ``history.extra["<term>_coef"]``; the term itself
+    is recorded every step in ``history.terms``. The model keeps the last value after training.
     """
 
     def __init__(self, **schedules: Callable[[int, int], float] | float):
@@ -166,6 +217,7 @@ class LossWeightSchedule(TrainHook):
         unknown = sorted(set(self.schedules) - set(weights))
         if unknown:
             raise ValueError(f"LossWeightSchedule terms must be among {tuple(weights)}, got {unknown}")
+        state.record.extend(term for term in self.schedules if term not in state.record)
 
     def on_step_start(self, state: TrainState) -> None:
         for term, schedule in self.schedules.items():
@@ -173,13 +225,6 @@ class LossWeightSchedule(TrainHook):
             check_number(f"the {term} coefficient at step {state.step}", value, 0)
             state.model.loss_weights[term] = value
             state.history.log(f"{term}_coef", value)
-
-
-def _moe_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{module name: layer}`` of every :class:`moe_lab.MoELayer` in ``model``."""
-    from .layer import MoELayer  # here, not at the top: the layer module does not depend on training hooks
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
 def _logit_tensors(output: Any) -> list[torch.Tensor]:
@@ -221,7 +266,7 @@ class RouterMonitor(TrainHook):
                     self._flips[name] = routing_flips(args[0], router.weight, k, self.flips_dtype).flip_rate
             return hook
 
-        for name, layer in _moe_layers(state.model).items():
+        for name, layer in named_moe_layers(state.model).items():
             self._handles.append(layer.router.register_forward_hook(record(name, layer.k)))
 
     def on_step_start(self, state: TrainState) -> None:
@@ -305,7 +350,7 @@ class NaNGuard(TrainHook):
 
     def on_train_start(self, state: TrainState) -> None:
         self._state = state
-        for name, layer in _moe_layers(state.model).items():
+        for name, layer in named_moe_layers(state.model).items():
             self._handles.append(layer.router.register_forward_hook(self._router_hook(name)))
 
     def _router_hook(self, name: str):

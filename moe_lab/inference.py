@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .offload import CacheStats, Policy, guess_experts, moe_layers, prefetch_order, simulate_cache
+from .layer import moe_layers
+from .offload import CacheStats, Policy, guess_experts, prefetch_order, simulate_cache
 from .routing import check_experts
 from .validation import check_bool, check_int, check_type
 

@@ -1,68 +1,91 @@
-"""``MoELayer``: router -> gating -> (capacity) -> dispatch to experts -> combine, plus always-on shared experts
-and routing statistics. Its options live in a validated :class:`moe_lab.config.MoEConfig`."""
+"""``MoELayer``: router -> gating -> (capacity) -> dispatch to experts -> combine, plus always-on shared experts.
+Its options live in a validated :class:`moe_lab.config.MoEConfig`; what it decided, in a :class:`RoutingInfo`, from
+which the auxiliary losses (:data:`moe_lab.losses.AUX_LOSSES`) are computed when asked for."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
 
 from .config import STRUCTURAL, MoEConfig, MoEOptions, check_option_names
-from .dispatch import DISPATCH, capacity_mask, expert_capacity
+from .dispatch import capacity_mask, expert_capacity, run_dispatch
 from .experts import FFN, Experts
-from .losses import (communication_balance_loss, device_balance_loss, importance_loss, load_loss, router_z_loss,
-                     sequence_balance_loss, switch_aux_loss)
-from .metrics import drop_rate, tokens_per_expert
-from .routing import (NoisyTopKRouter, Router, dense_gates, multiplicative_jitter, normalized_scores, sigmoid_topk,
-                      softmax_topk)
-from .validation import check_finite, check_tensor, reads_values
+from .losses import AUX_LOSSES
+from .metrics import _tokens_per_expert, drop_rate
+from .routing import (NoisyTopKRouter, Router, _sigmoid_topk, _softmax_topk, check_finite_logits,
+                      multiplicative_jitter, normalized_scores)
+from .validation import all_finite, check_finite, check_tensor, check_type, reads_values
 
 
-@dataclass
+@dataclass(eq=False)
 class RoutingInfo:
     """What the router decided for one forward pass (``T`` tokens, ``E`` experts, ``k`` per token).
 
     logits: ``[T, E]`` logits the gating used (noisy in training with ``router="noisy_topk"``), in the
         router dtype (float32 by default).
     scores: ``[T, E]`` gating scores: the softmax probabilities, or DeepSeek-V3's unbiased ``sigmoid(logits)``.
-    probs: ``[T, E]`` the scores normalised over all experts (the softmax itself; ``s'`` for sigmoid): the
-        ``P_i`` of every balance loss.
     experts: ``[T, k]`` selected experts (selected with the selection bias, if any).  gates: ``[T, k]`` their
         weights (from the unbiased scores, times ``routed_scaling_factor``).
     tokens_per_expert: ``[E]`` token-slots routed to each expert (before capacity dropping).
-    aux_loss: Switch load-balancing loss ``N * sum_i f_i P_i`` (= DeepSeek-V2's expert-level loss; unweighted,
-        1 when uniform).  z_loss: router z-loss ``mean logsumexp(logits)^2`` (unweighted).
-    seq_aux_loss: DeepSeek-V3's sequence-wise balance loss over the sequences of ``x`` (``[B, L, d]``: B
-        sequences of L tokens; ``[T, d]``: one sequence), see :func:`moe_lab.losses.sequence_balance_loss`.
-    device_aux_loss, comm_aux_loss: DeepSeek-V2's device-level and communication balance losses with the
-        ``n_groups`` expert groups as devices and ``M = topk_groups`` (constant 1 with one group).
-    dropped: ``[T, k]`` bool, slots dropped by expert capacity (all False when dropless).
-    drop_rate: fraction of slots dropped.  capacity: slots per expert (None when dropless).
-    importance_loss: Shazeer's ``CV(sum_t G(x_t))^2`` (unweighted).
+    keep: ``[T, k]`` bool, the slots that fit into the expert capacity (None when dropless).
+    capacity: slots per expert (None when dropless).
     batch_shape: the leading shape of ``x`` (``x.shape[:-1]``), to view ``[T, ...]`` fields per sequence.
+    config: the layer's :class:`moe_lab.config.MoEConfig` when it routed.
     clean_logits, noise_std: ``[T, E]`` ``x W_g`` and ``softplus(x W_noise)`` (noisy router only, else None).
-    load_loss: Shazeer's smooth ``CV(Load)^2`` (noisy router only, else None).
+
+    Computed when first read (and then kept): ``probs`` (``[T, E]`` the scores normalised over all experts, the
+    ``P_i`` of every balance loss), ``dropped`` (``[T, k]`` bool, all False when dropless), ``drop_rate`` (fraction
+    of slots dropped; reads a value, a sync on a GPU), and the auxiliary losses of :data:`moe_lab.losses.AUX_LOSSES`:
+    ``info.loss("aux")`` or ``info.aux_loss`` (Switch, unweighted, 1 when uniform), ``z_loss``, ``seq_aux_loss``
+    (DeepSeek-V3's sequence-wise loss over the sequences of ``x``: ``[B, L, d]`` has B sequences, ``[T, d]`` one),
+    ``device_aux_loss``, ``comm_aux_loss`` (DeepSeek-V2's, with the ``n_groups`` groups as devices and
+    ``M = topk_groups``), ``importance_loss`` (Shazeer's ``CV(sum_t G(x_t))^2``) and ``load_loss`` (Shazeer's smooth
+    ``CV(Load)^2``; None without the noisy router).
     """
 
     logits: torch.Tensor
     scores: torch.Tensor
-    probs: torch.Tensor
     experts: torch.Tensor
     gates: torch.Tensor
     tokens_per_expert: torch.Tensor
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
-    seq_aux_loss: torch.Tensor
-    device_aux_loss: torch.Tensor
-    comm_aux_loss: torch.Tensor
-    dropped: torch.Tensor
-    drop_rate: float
+    keep: torch.Tensor | None
     capacity: int | None
-    importance_loss: torch.Tensor
     batch_shape: tuple[int, ...]
+    config: MoEConfig
     clean_logits: torch.Tensor | None = None
     noise_std: torch.Tensor | None = None
-    load_loss: torch.Tensor | None = None
+    computed: dict = field(default_factory=dict, repr=False)
+    """What was computed so far (``probs`` and losses by name); pre-filled where a layer knows them (e.g. zeros)."""
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if "probs" not in self.computed:
+            softmax = self.config.score_func == "softmax"
+            self.computed["probs"] = self.scores if softmax else normalized_scores(self.scores)
+        return self.computed["probs"]
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        return torch.zeros_like(self.experts, dtype=torch.bool) if self.keep is None else ~self.keep
+
+    @property
+    def drop_rate(self) -> float:
+        return 0.0 if self.keep is None else drop_rate(self.dropped)  # no GPU sync when dropless
+
+    def loss(self, name: str) -> torch.Tensor | None:
+        """The unweighted auxiliary loss ``name`` (a key of :data:`moe_lab.losses.AUX_LOSSES`), computed once."""
+        if name not in self.computed:
+            if name not in AUX_LOSSES:
+                raise ValueError(f"name must be one of {tuple(AUX_LOSSES)} (moe_lab.losses.AUX_LOSSES), got {name!r}")
+            self.computed[name] = AUX_LOSSES[name].compute(self)
+        return self.computed[name]
+
+    def __getattr__(self, attr: str):
+        # ``info.aux_loss`` etc.: the registry's terms as attributes (only called when normal lookup fails)
+        if attr.endswith("_loss") and attr[: -len("_loss")] in AUX_LOSSES and "computed" in self.__dict__:
+            return self.loss(attr[: -len("_loss")])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
 
 
 def _option(name: str, settable: bool = True) -> property:
@@ -170,35 +193,33 @@ class MoELayer(nn.Module):
     def _run_experts(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor,
                      keep: torch.Tensor | None, capacity: int | None) -> torch.Tensor:
         """Dispatch the kept slots, run the experts, combine: ``[T, d_model]``."""
-        extra = {"capacity": capacity} if self.dispatch == "onehot" else {}
-        return DISPATCH[self.dispatch](tokens, experts, gates, self.experts, keep, **extra)
+        return run_dispatch(self.dispatch, tokens, experts, gates, self.experts, keep, capacity)
 
-    def _gate(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[T, E]`` logits -> ``(scores, probs, gates, experts)`` (see :class:`RoutingInfo`)."""
+    def _gate(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[T, E]`` logits in the router dtype -> ``(scores, gates, experts)`` (see :class:`RoutingInfo`); the
+        options were validated by the config, so the gating runs without re-checking them."""
         c = self.config
-        common = dict(bias=self.expert_bias, n_groups=c.n_groups, topk_groups=c.topk_groups,
-                      group_score=c.group_score, routed_scaling_factor=c.routed_scaling_factor, dtype=c.router_dtype)
+        groups = (c.n_groups, c.topk_groups, c.group_score, c.routed_scaling_factor)
         if c.score_func == "softmax":
-            probs, gates, experts = softmax_topk(logits, c.k, softmax_order=c.softmax_order,
-                                                 renormalize=c.renormalize, **common)
-            return probs, probs, gates, experts
-        scores, gates, experts = sigmoid_topk(logits, c.k, renormalize=c.renormalize, **common)
-        return scores, normalized_scores(scores), gates, experts
+            return _softmax_topk(logits, c.k, c.softmax_order, c.renormalize, self.expert_bias, *groups)
+        return _sigmoid_topk(logits, c.k, self.expert_bias, c.renormalize, *groups)
 
     def _check_input_values(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Raise unless ``tokens`` are finite and small enough for finite router logits (where :func:`reads_values`
-        allows; non-finite logits from finite weights and input mean the input is too large)."""
-        if not reads_values(tokens):
+        """Raise unless ``tokens`` are finite and small enough for finite router logits, and the router itself is
+        finite (where :func:`reads_values` allows). One reduction over the logits when all is well: a non-finite
+        input always makes its logits non-finite."""
+        if not reads_values(logits) or all_finite(logits):
             return
         check_finite("x", tokens)
-        if not bool(torch.isfinite(logits).all()) and bool(torch.isfinite(self.router.weight).all()):
+        if all_finite(self.router.weight):
             raise ValueError(f"x is too large: |x| up to {float(tokens.detach().abs().max()):.3g} overflows the router "
                              f"logits in {logits.dtype} (largest finite value {torch.finfo(logits.dtype).max:.3g}); "
                              "normalise x")
+        check_finite_logits(logits)
 
     def _check_output(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Raise where a finite ``x`` gave a NaN or infinite output (checked where :func:`reads_values` allows)."""
-        if reads_values(y) and not bool(torch.isfinite(y.detach()).all()):
+        if reads_values(y) and not all_finite(y):
             raise ValueError(
                 f"the layer's output has {int((~torch.isfinite(y.detach())).sum())} non-finite value(s) for a finite x "
                 f"(|x| up to {float(x.detach().abs().max()):.3g}): the expert FFNs overflowed {y.dtype} (largest "
@@ -223,8 +244,8 @@ class MoELayer(nn.Module):
         else:
             logits = self.router(router_in, c.router_dtype)
         self._check_input_values(tokens, logits)  # after the router, so a router hook sees its output first
-        scores, probs, gates, experts = self._gate(logits)
-        counts = tokens_per_expert(experts, c.num_experts)
+        scores, gates, experts = self._gate(logits)
+        counts = _tokens_per_expert(experts, c.num_experts)
         if self.load_counts is not None and self.training and torch.is_grad_enabled():
             self.load_counts += counts
         capacity = keep = None
@@ -234,30 +255,9 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(tokens)
         self._check_output(x, y)
-        dropped = torch.zeros_like(experts, dtype=torch.bool) if keep is None else ~keep
-        lead = tuple(x.shape[:-1])
-        seq_len = lead[-1] if len(lead) >= 2 else tokens.shape[0]
-        info = RoutingInfo(
-            logits=logits,
-            scores=scores,
-            probs=probs,
-            experts=experts,
-            gates=gates,
-            tokens_per_expert=counts,
-            aux_loss=switch_aux_loss(probs, experts),
-            z_loss=router_z_loss(logits),
-            seq_aux_loss=sequence_balance_loss(probs.view(-1, seq_len, c.num_experts), experts.view(-1, seq_len, c.k)),
-            device_aux_loss=device_balance_loss(probs, experts, c.n_groups),
-            comm_aux_loss=communication_balance_loss(probs, experts, c.n_groups, c.topk_groups),
-            dropped=dropped,
-            drop_rate=0.0 if keep is None else drop_rate(dropped),  # no GPU sync when dropless
-            capacity=capacity,
-            importance_loss=importance_loss(dense_gates(gates, experts, c.num_experts)),
-            batch_shape=lead,
-            clean_logits=clean,
-            noise_std=noise_std,
-            load_loss=None if clean is None else load_loss(clean, logits, noise_std, c.k),
-        )
+        info = RoutingInfo(logits=logits, scores=scores, experts=experts, gates=gates, tokens_per_expert=counts,
+                           keep=keep, capacity=capacity, batch_shape=tuple(x.shape[:-1]), config=c,
+                           clean_logits=clean, noise_std=noise_std)
         return y.reshape(*x.shape[:-1], c.d_model), info
 
     def extra_repr(self) -> str:
@@ -270,3 +270,14 @@ class MoELayer(nn.Module):
             if f.name not in shown and value != getattr(default, f.name):
                 text += f", {f.name}={value!r}"
         return text
+
+
+def named_moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """``{module name: layer}`` of every :class:`MoELayer` in ``model``, in registration (forward) order."""
+    check_type("model", model, nn.Module, "a torch.nn.Module (e.g. a moe_lab.MoETransformer)")
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The :class:`MoELayer` modules of ``model``, in registration (forward) order."""
+    return list(named_moe_layers(model).values())

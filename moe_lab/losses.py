@@ -11,13 +11,21 @@
 
 Shapes: ``T`` tokens, ``E`` experts, ``k`` experts per token. All losses are float32 scalars returned
 without their coefficient (multiply by ``w`` / ``alpha`` / ``c_z`` in the training loss).
+
+:data:`AUX_LOSSES` is the registry of the terms an MoE layer offers: each entry computes its loss from a
+:class:`moe_lab.RoutingInfo`, when asked (``info.loss(name)``, or ``MoETransformer.loss`` for the terms with a
+non-zero coefficient ``<name>_coef``). A new auxiliary loss is one entry there.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from .metrics import check_groups, expert_groups, tokens_per_expert
-from .routing import check_experts, check_k
+from .metrics import _tokens_per_expert, check_groups, expert_groups
+from .routing import check_experts, check_k, dense_gates
 from .validation import check_finite, check_int, check_number, check_tensor, reads_values
 
 
@@ -30,6 +38,10 @@ def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     check_tensor("values", values, "[num_experts]", 1, kind="real")
     check_finite("values", values)
     check_number("eps", eps, 0)
+    return _cv_squared(values, eps)
+
+
+def _cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     values = values.float()
     if values.numel() < 2:
         return values.sum() * 0
@@ -44,7 +56,7 @@ def importance_loss(gates: torch.Tensor) -> torch.Tensor:
     """
     check_tensor("gates", gates, "[tokens, num_experts] (the dense matrix)", 2)
     check_finite("gates", gates)
-    return cv_squared(gates.float().sum(dim=0))
+    return _cv_squared(gates.float().sum(dim=0))
 
 
 def prob_in_topk(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,8 +82,12 @@ def prob_in_topk(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tens
     if reads_values(noise_std) and noise_std.numel() and not bool((noise_std > 0).all()):
         raise ValueError(f"noise_std must be > 0 everywhere (softplus of the noise logits), got a minimum of "
                          f"{float(noise_std.min()):.3g}")
+    check_k(k, clean.shape[-1])
+    return _prob_in_topk(clean, noisy, noise_std, k)
+
+
+def _prob_in_topk(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, k: int) -> torch.Tensor:
     num_experts = clean.shape[-1]
-    check_k(k, num_experts)
     clean, noisy, noise_std = clean.float(), noisy.float(), noise_std.float()
     if k == num_experts:
         return torch.ones_like(clean) + 0 * clean
@@ -105,10 +121,14 @@ def switch_aux_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         experts: ``[T, k]`` selected expert indices.
     """
     _check_probs_experts(probs, experts, 2, "[T, ")
-    num_experts = probs.shape[-1]
-    f = tokens_per_expert(experts, num_experts).float() / experts.numel()
+    return _switch_aux(probs, _tokens_per_expert(experts.long(), probs.shape[-1]), experts.numel())
+
+
+def _switch_aux(probs: torch.Tensor, counts: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``N * sum_i f_i P_i`` from ``probs: [T, E]`` and the slots per expert ``counts: [E]`` (unchecked)."""
+    f = counts.float() / num_slots
     p = probs.float().mean(dim=0)
-    return num_experts * (f * p).sum()
+    return probs.shape[-1] * (f * p).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -121,6 +141,10 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if 0 in logits.shape:
         raise ValueError(f"logits must have shape [tokens >= 1, num_experts >= 1], got shape {tuple(logits.shape)}")
     check_finite("logits", logits)
+    return _z_loss(logits)
+
+
+def _z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
@@ -148,6 +172,10 @@ def sequence_balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.T
         probs: ``[B, T, E]`` normalised scores ``s'``.  experts: ``[B, T, k]`` selected experts.
     """
     _check_probs_experts(probs, experts, 3, "[B, T, ")
+    return _sequence_balance(probs, experts)
+
+
+def _sequence_balance(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     batch, seq_len, num_experts = probs.shape
     k = experts.shape[-1]
     flat = experts.reshape(batch, -1).long()
@@ -171,10 +199,14 @@ def device_balance_loss(probs: torch.Tensor, experts: torch.Tensor, n_devices: i
         n_devices: ``D``, dividing ``E``.
     """
     _check_probs_experts(probs, experts, 2, "[T, ")
+    check_groups(probs.shape[-1], n_devices, "n_devices")
+    return _device_balance(probs, _tokens_per_expert(experts.long(), probs.shape[-1]), experts.shape[-1], n_devices)
+
+
+def _device_balance(probs: torch.Tensor, counts: torch.Tensor, k: int, n_devices: int) -> torch.Tensor:
     num_tokens, num_experts = probs.shape
-    check_groups(num_experts, n_devices, "n_devices")
     group = expert_groups(num_experts, n_devices, probs.device)
-    f = tokens_per_expert(experts, num_experts).float() * (num_experts / (experts.shape[-1] * num_tokens))
+    f = counts.float() * (num_experts / (k * num_tokens))
     p = probs.float().mean(dim=0)
     f_dev = torch.zeros(n_devices, device=probs.device).index_add_(0, group, f) / (num_experts // n_devices)
     p_dev = torch.zeros(n_devices, device=probs.device).index_add_(0, group, p)
@@ -195,12 +227,17 @@ def communication_balance_loss(probs: torch.Tensor, experts: torch.Tensor, n_dev
         n_devices: ``D``, dividing ``E``.  max_devices: ``M`` (the layer's ``topk_groups``), ``1 <= M <= D``.
     """
     _check_probs_experts(probs, experts, 2, "[T, ")
-    num_tokens, num_experts = probs.shape
-    check_groups(num_experts, n_devices, "n_devices")
-    group = expert_groups(num_experts, n_devices, probs.device)
+    check_groups(probs.shape[-1], n_devices, "n_devices")
     check_int("max_devices", max_devices, 1, n_devices)
+    return _communication_balance(probs, experts.long(), n_devices, max_devices)
+
+
+def _communication_balance(probs: torch.Tensor, experts: torch.Tensor, n_devices: int,
+                           max_devices: int) -> torch.Tensor:
+    num_tokens, num_experts = probs.shape
+    group = expert_groups(num_experts, n_devices, probs.device)
     sent = torch.zeros(num_tokens, n_devices, dtype=torch.bool, device=probs.device)
-    sent = sent.scatter(1, group[experts.long()], True).float().sum(dim=0)  # [D] tokens each device receives
+    sent = sent.scatter(1, group[experts], True).float().sum(dim=0)  # [D] tokens each device receives
     f = sent * (n_devices / (max_devices * num_tokens))
     p_dev = torch.zeros(n_devices, device=probs.device).index_add_(0, group, probs.float().mean(dim=0))
     return (f * p_dev).sum()
@@ -236,3 +273,45 @@ def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float, *, centered
     if centered:
         delta = delta - delta.mean()
     return bias.float() + delta
+
+
+@dataclass(frozen=True)
+class AuxLoss:
+    """One entry of :data:`AUX_LOSSES`: ``compute(info)`` gives the unweighted loss of one layer's
+    :class:`moe_lab.RoutingInfo` (a 0-dim float32 tensor, differentiable where the loss is; None where the term is
+    not defined for that layer); ``applies(config)`` says whether a layer with that
+    :class:`moe_lab.config.MoEConfig` (or model config) defines it; ``doc`` names it."""
+
+    compute: Callable[[Any], torch.Tensor | None]  # (RoutingInfo) -> loss; the layer imports this module
+    doc: str
+    applies: Callable[[Any], bool] = lambda config: True
+
+
+def _sequences(info) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs [B, L, E]`` and ``experts [B, L, k]`` per sequence (``x: [B, L, d]``; ``[T, d]`` is one sequence)."""
+    seq_len = info.batch_shape[-1] if len(info.batch_shape) >= 2 else info.experts.shape[0]
+    return (info.probs.view(-1, seq_len, info.probs.shape[-1]),
+            info.experts.view(-1, seq_len, info.experts.shape[-1]))
+
+
+AUX_LOSSES: dict[str, AuxLoss] = {
+    "aux": AuxLoss(lambda i: _switch_aux(i.probs, i.tokens_per_expert, i.experts.numel()),
+                   "Switch load-balancing loss N * sum_i f_i P_i (= DeepSeek-V2's expert-level loss; 1 when uniform)"),
+    "z": AuxLoss(lambda i: _z_loss(i.logits), "ST-MoE router z-loss mean_t logsumexp(logits_t)^2"),
+    "seq_aux": AuxLoss(lambda i: _sequence_balance(*_sequences(i)),
+                       "DeepSeek-V3 sequence-wise balance loss over the sequences of x"),
+    "device_aux": AuxLoss(lambda i: _device_balance(i.probs, i.tokens_per_expert, i.experts.shape[-1],
+                                                    i.config.n_groups),
+                          "DeepSeek-V2 device-level balance loss, the n_groups expert groups as devices"),
+    "comm_aux": AuxLoss(lambda i: _communication_balance(i.probs, i.experts, i.config.n_groups,
+                                                         i.config.topk_groups),
+                        "DeepSeek-V2 communication balance loss with M = topk_groups"),
+    "importance": AuxLoss(lambda i: _cv_squared(dense_gates(i.gates, i.experts, i.config.num_experts).sum(dim=0)),
+                          "Shazeer et al.'s importance loss CV(sum_t G(x_t))^2"),
+    "load": AuxLoss(lambda i: None if i.clean_logits is None else
+                    _cv_squared(_prob_in_topk(i.clean_logits, i.logits, i.noise_std, i.config.k).sum(dim=0)),
+                    "Shazeer et al.'s smooth load loss CV(Load)^2 (router='noisy_topk' only)",
+                    applies=lambda config: config.router == "noisy_topk"),
+}
+"""The auxiliary loss terms of an MoE layer by name (``info.loss(name)``, ``info.<name>_loss``; the model's
+coefficient of term ``name`` is ``ModelConfig.<name>_coef``)."""

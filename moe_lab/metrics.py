@@ -15,7 +15,12 @@ def tokens_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
 
     A scatter-add of ones rather than ``torch.bincount``, which waits for the GPU to size its output."""
     check_experts(experts, num_experts)
-    flat = experts.reshape(-1).long()
+    return _tokens_per_expert(experts.long(), num_experts)
+
+
+def _tokens_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """:func:`tokens_per_expert` without its checks, for int64 ids (the layer's path: they come from its top-k)."""
+    flat = experts.reshape(-1)
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 

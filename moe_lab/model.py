@@ -11,23 +11,29 @@ sampling) runs each new token through the model once instead of recomputing the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .bias_balancing import BiasBalancer
 from .calculator import Arch, moe_schedule
 from .config import MoEConfig, MoEOptions
 from .experts import FFN
-from .hooks import TrainHook
 from .layer import MoELayer, RoutingInfo
+from .losses import AUX_LOSSES
 from .validation import check_bool, check_int, check_number, check_type, reads_values
+
+LossCoefficients = make_dataclass("LossCoefficients", [(f"{name}_coef", float, field(default=0.0)) for name in AUX_LOSSES],
+                                  frozen=True, kw_only=True)
+LossCoefficients.__module__ = __name__
+LossCoefficients.__doc__ = ("``<name>_coef`` (default 0) for every term of :data:`moe_lab.losses.AUX_LOSSES`: "
+                            "``aux_coef``, ``z_coef``, ``seq_aux_coef``, ``device_aux_coef``, ``comm_aux_coef``, "
+                            "``importance_coef``, ``load_coef``.")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig(MoEOptions):
+class ModelConfig(MoEOptions, LossCoefficients):
     """Architecture (the fields of :class:`moe_lab.calculator.Arch` that the model supports), loss weights, and
     every :class:`moe_lab.config.MoEOptions` field (inherited: ``capacity_factor``, ``score_func``,
     ``selection_bias``, ``n_groups``, ``n_shared``, ...), which configure each MoE layer
@@ -35,8 +41,9 @@ class ModelConfig(MoEOptions):
     token; ``n_shared`` shared experts of width ``d_shared`` (None = ``d_expert``); ``activation`` applies to
     the dense FFNs too.
 
-    Loss: ``cross-entropy + aux_coef * aux + z_coef * z + seq_aux_coef * seq_aux + device_aux_coef * device_aux
-    + comm_aux_coef * comm_aux``, each term summed over the MoE layers (see :class:`moe_lab.RoutingInfo`).
+    Loss: ``cross-entropy + sum_name <name>_coef * <name>`` over the terms of :data:`moe_lab.losses.AUX_LOSSES`
+    with a non-zero coefficient (:class:`LossCoefficients`: ``aux_coef``, ``z_coef``, ``seq_aux_coef``, ...), each
+    term summed over the MoE layers; only those terms are computed.
     """
 
     vocab_size: int = 256
@@ -51,11 +58,6 @@ class ModelConfig(MoEOptions):
     moe_every: int = 1
     first_dense: int = 0
     tie_embeddings: bool = False
-    aux_coef: float = 0.0
-    z_coef: float = 0.0
-    seq_aux_coef: float = 0.0
-    device_aux_coef: float = 0.0
-    comm_aux_coef: float = 0.0
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
@@ -70,8 +72,10 @@ class ModelConfig(MoEOptions):
             raise ValueError(f"n_heads must leave an even head size d_model / n_heads (RoPE rotates pairs), got "
                              f"d_model={self.d_model}, n_heads={self.n_heads}")
         check_number("rope_base", self.rope_base, 1, low_open=True)
-        for term in self.loss_weights():
-            check_number(f"{term}_coef", getattr(self, f"{term}_coef"), 0)
+        for name, weight in self.loss_weights().items():
+            check_number(f"{name}_coef", weight, 0)
+            if weight and not AUX_LOSSES[name].applies(self):
+                raise ValueError(f"{name}_coef={weight} needs a layer that defines it: {AUX_LOSSES[name].doc}")
         if self.num_experts:
             self.layer_config()  # validates the MoE layer (k, groups, ...) now, not when the model is built
 
@@ -88,9 +92,8 @@ class ModelConfig(MoEOptions):
                          k=self.k, **self.options())
 
     def loss_weights(self) -> dict[str, float]:
-        """``{term: coefficient}`` of the auxiliary loss terms (the initial ``MoETransformer.loss_weights``)."""
-        return {"aux": self.aux_coef, "z": self.z_coef, "seq_aux": self.seq_aux_coef,
-                "device_aux": self.device_aux_coef, "comm_aux": self.comm_aux_coef}
+        """``{term: coefficient}`` of every auxiliary loss term (the initial ``MoETransformer.loss_weights``)."""
+        return {name: getattr(self, f"{name}_coef") for name in AUX_LOSSES}
 
     def arch(self) -> Arch:
         """This model as a calculator :class:`Arch` (``count_params(cfg.arch()).total`` = its parameters)."""
@@ -307,24 +310,40 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-LOSS_TERMS = {"aux": "aux_loss", "z": "z_loss", "seq_aux": "seq_aux_loss", "device_aux": "device_aux_loss",
-              "comm_aux": "comm_aux_loss"}
-"""Auxiliary loss terms of :class:`LossOutput` and the :class:`moe_lab.RoutingInfo` field each sums."""
+def _layer_sum(infos: list[RoutingInfo], name: str, zero: torch.Tensor) -> torch.Tensor | None:
+    """Auxiliary loss ``name`` summed over the MoE layers (``zero`` without any; None where a layer lacks it)."""
+    values = [info.loss(name) for info in infos]
+    return None if any(v is None for v in values) else sum(values, zero)
 
 
-@dataclass
+@dataclass(eq=False)
 class LossOutput:
-    """``total = ce + sum_term weight[term] * term`` over :data:`LOSS_TERMS` (each term summed over the MoE
-    layers; weights: ``MoETransformer.loss_weights``) and the routing info of each MoE layer."""
+    """``total = ce + sum_term weight[term] * term`` over the auxiliary terms with a non-zero weight
+    (``MoETransformer.loss_weights``), each summed over the MoE layers, and the routing info of each MoE layer.
+
+    ``terms``: the terms computed so far (those with a weight, and those asked for), by name. Any other term of
+    :data:`moe_lab.losses.AUX_LOSSES` is computed from ``infos`` when first read: ``out.term("z")`` or ``out.z``.
+    """
 
     total: torch.Tensor
     ce: torch.Tensor
-    aux: torch.Tensor
-    z: torch.Tensor
-    seq_aux: torch.Tensor
-    device_aux: torch.Tensor
-    comm_aux: torch.Tensor
+    terms: dict[str, torch.Tensor | None]
     infos: list[RoutingInfo]
+
+    def term(self, name: str) -> torch.Tensor | None:
+        """Auxiliary loss ``name`` summed over the MoE layers (unweighted; 0 for a dense model, None where the
+        layers do not define it)."""
+        if name not in self.terms:
+            if name not in AUX_LOSSES:
+                raise ValueError(f"name must be one of {tuple(AUX_LOSSES)} (moe_lab.losses.AUX_LOSSES), got {name!r}")
+            self.terms[name] = _layer_sum(self.infos, name, self.ce.new_zeros(()))
+        return self.terms[name]
+
+    def __getattr__(self, attr: str):
+        # ``out.aux`` etc. (only called when normal lookup fails)
+        if attr in AUX_LOSSES and "terms" in self.__dict__:
+            return self.term(attr)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
 
 
 class MoETransformer(nn.Module):
@@ -371,21 +390,33 @@ class MoETransformer(nn.Module):
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         return logits, infos
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> LossOutput:
-        """Next-token loss. idx, targets: ``[B, L]`` (targets int64; :data:`IGNORE_INDEX` skips a position)."""
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, terms: tuple[str, ...] = ()) -> LossOutput:
+        """Next-token loss. idx, targets: ``[B, L]`` (targets int64; :data:`IGNORE_INDEX` skips a position).
+
+        Computes the auxiliary terms with a non-zero weight in ``loss_weights`` (they enter ``total``) and the
+        ``terms`` asked for (names of :data:`moe_lab.losses.AUX_LOSSES`, in ``LossOutput.terms`` only)."""
+        for name in terms:
+            if name not in AUX_LOSSES:
+                raise ValueError(f"terms must be names of moe_lab.losses.AUX_LOSSES {tuple(AUX_LOSSES)}, got {name!r}")
         check_token_ids("targets", targets, self.cfg.vocab_size, IGNORE_INDEX)
         if targets.dtype != torch.int64 or targets.shape != getattr(idx, "shape", None):
             raise ValueError(f"targets must be int64 with the shape of idx, {tuple(getattr(idx, 'shape', ()))}, got "
                              f"{targets.dtype} of shape {tuple(targets.shape)}")
         logits, infos = self(idx)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-        zero = ce.new_zeros(())
-        terms = {term: sum((getattr(i, field) for i in infos), zero) for term, field in LOSS_TERMS.items()}
+        out = LossOutput(ce, ce, {}, infos)
         total = ce
-        for term, value in terms.items():
-            if self.loss_weights[term]:
-                total = total + self.loss_weights[term] * value
-        return LossOutput(total, ce, infos=infos, **terms)
+        for name, weight in self.loss_weights.items():
+            if weight:
+                value = out.term(name)
+                if value is None:
+                    raise ValueError(f"loss_weights[{name!r}]={weight}, but this model's layers do not define the "
+                                     f"term: {AUX_LOSSES[name].doc}")
+                total = total + weight * value
+        for name in terms:
+            out.term(name)
+        out.total = total
+        return out
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens, on this model's device
@@ -430,9 +461,3 @@ class MoETransformer(nn.Module):
             return out
         finally:
             self.train(was_training)
-
-    def training_hooks(self) -> list[TrainHook]:
-        """Hooks this model needs in training (:func:`moe_lab.train.train` adds them): a
-        :class:`moe_lab.bias_balancing.BiasBalancer` when a layer has a selection bias with an update rate."""
-        balancer = BiasBalancer(self)
-        return [balancer] if balancer.layers else []

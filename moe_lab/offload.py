@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .experts import Experts
-from .layer import MoELayer
+from .layer import MoELayer, moe_layers
 from .utils import compute_dtype
 from .validation import check_bool, check_choice, check_ids, check_int, check_tensor, check_type
 
@@ -311,10 +311,6 @@ class Offload:
     def bytes_prefetched(self) -> int:
         return sum(layer.bytes_prefetched for layer in self.layers)
 
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The :class:`moe_lab.MoELayer` modules of ``model``, in forward order."""
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 @contextmanager

@@ -46,6 +46,7 @@ from torch import nn
 from .dispatch import sort_by_expert
 from .experts import Experts
 from .layer import MoELayer, RoutingInfo
+from .losses import AUX_LOSSES
 from .permute import combine_slots, gather_slots
 from .timing import record_bytes, region
 from .utils import compute_dtype
@@ -307,7 +308,7 @@ class ExpertParallelMoELayer(MoELayer):
         else:
             logits = self.router(tokens, c.router_dtype)
         # nothing to route (the gating's reshapes may not accept an empty batch): empty selections
-        scores = probs = torch.zeros_like(logits, dtype=torch.float32)
+        scores = torch.zeros_like(logits, dtype=torch.float32)
         experts = torch.empty(0, c.k, dtype=torch.long, device=x.device)
         gates = torch.zeros(0, c.k, dtype=torch.float32, device=x.device)
         capacity = keep = None
@@ -318,12 +319,10 @@ class ExpertParallelMoELayer(MoELayer):
         zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
         y = self._run_experts(tokens, experts, gates, keep, capacity) + zero
         info = RoutingInfo(
-            logits=logits, scores=scores, probs=probs, experts=experts, gates=gates,
-            tokens_per_expert=torch.zeros(c.num_experts, dtype=torch.long, device=x.device),
-            aux_loss=zero, z_loss=zero, seq_aux_loss=zero, device_aux_loss=zero, comm_aux_loss=zero,
-            dropped=torch.zeros_like(experts, dtype=torch.bool), drop_rate=0.0, capacity=capacity,
-            importance_loss=zero, batch_shape=tuple(x.shape[:-1]), clean_logits=clean, noise_std=noise_std,
-            load_loss=None if clean is None else zero)
+            logits=logits, scores=scores, experts=experts, gates=gates,
+            tokens_per_expert=torch.zeros(c.num_experts, dtype=torch.long, device=x.device), keep=None,
+            capacity=capacity, batch_shape=tuple(x.shape[:-1]), config=c, clean_logits=clean, noise_std=noise_std,
+            computed={"probs": scores, **{name: zero if term.applies(c) else None for name, term in AUX_LOSSES.items()}})
         return y.reshape(*x.shape[:-1], c.d_model), info
 
     def extra_repr(self) -> str:

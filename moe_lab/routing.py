@@ -20,7 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .validation import check_bool, check_finite, check_int, check_number, check_tensor, is_int, reads_values
+from .validation import all_finite, check_bool, check_finite, check_int, check_number, check_tensor, is_int, reads_values
 
 SoftmaxOrder = Literal["before_topk", "after_topk"]
 SOFTMAX_ORDERS = ("before_topk", "after_topk")
@@ -48,9 +48,11 @@ def check_experts(experts: torch.Tensor, num_experts: int) -> None:
     if experts.dim() != 2 or experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
         raise ValueError(f"experts must be an integer (int64, not bool) tensor of shape [tokens, k], got "
                          f"{experts.dtype} of shape {tuple(experts.shape)}")
-    if reads_values(experts) and experts.numel() and (experts.min() < 0 or experts.max() >= num_experts):
-        raise ValueError(f"experts must hold expert ids in 0..{num_experts - 1} (num_experts={num_experts}), "
-                         f"got ids from {int(experts.min())} to {int(experts.max())}")
+    if reads_values(experts) and experts.numel():
+        low, high = (int(v) for v in torch.aminmax(experts))
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"experts must hold expert ids in 0..{num_experts - 1} (num_experts={num_experts}), "
+                             f"got ids from {low} to {high}")
 
 
 def check_finite_logits(logits: torch.Tensor) -> None:
@@ -59,7 +61,7 @@ def check_finite_logits(logits: torch.Tensor) -> None:
     Checked where :func:`reads_values` allows, so a CUDA forward pass never waits for the GPU; there a diverged
     router shows up as a NaN loss (or, under anomaly detection, as this error).
     """
-    if reads_values(logits) and not torch.isfinite(logits).all():
+    if reads_values(logits) and not all_finite(logits):
         bad = int((~torch.isfinite(logits)).sum())
         raise ValueError(
             f"router logits contain {bad} non-finite value(s) (NaN or inf): the router has diverged "
@@ -115,7 +117,7 @@ def _router_math_input(logits: torch.Tensor, k: int, dtype: torch.dtype) -> torc
     check_finite_logits(logits)
     out = logits.to(dtype)
     if (out.dtype != logits.dtype and torch.finfo(logits.dtype).max > torch.finfo(dtype).max
-            and reads_values(out) and not torch.isfinite(out).all()):
+            and reads_values(out) and not all_finite(out)):
         raise ValueError(f"router logits exceed the {dtype} range (|logit| <= {torch.finfo(dtype).max:.3g}) that "
                          f"the gating math runs in, got |logit| up to {float(logits.abs().max()):.3g}")
     return out
@@ -179,14 +181,24 @@ def _normalize(gates: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled(gates: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
-    check_number("routed_scaling_factor", routed_scaling_factor, 0, low_open=True)
     return gates if routed_scaling_factor == 1 else gates * routed_scaling_factor
 
 
-def _selection(scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _selection(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Selection scores ``s + b`` in float32 (the bias never reaches the gates)."""
-    check_bias(bias, scores.shape[-1])
     return scores.float() + bias.float()
+
+
+def _check_gating(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tensor | None, n_groups: int,
+                  topk_groups: int, group_score: str, routed_scaling_factor: float, dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """The checks :func:`softmax_topk` and :func:`sigmoid_topk` share; returns the logits in ``dtype``."""
+    check_bool("renormalize", renormalize)
+    logits = _router_math_input(logits, k, dtype)
+    check_group_limits(logits.shape[-1], k, n_groups, topk_groups, group_score)
+    check_bias(bias, logits.shape[-1])
+    check_number("routed_scaling_factor", routed_scaling_factor, 0, low_open=True)
+    return logits
 
 
 def softmax_topk(
@@ -228,14 +240,22 @@ def softmax_topk(
     """
     if softmax_order not in SOFTMAX_ORDERS:
         raise ValueError(f"softmax_order must be one of {SOFTMAX_ORDERS}, got {softmax_order!r}")
-    check_bool("renormalize", renormalize)
+    logits = _check_gating(logits, k, renormalize, bias, n_groups, topk_groups, group_score, routed_scaling_factor,
+                           dtype)
     if softmax_order == "after_topk" and not renormalize:
         raise ValueError(
             "renormalize=False only applies to softmax_order='before_topk': a softmax after top-k "
             "already sums to 1 over the selected experts"
         )
-    logits = _router_math_input(logits, k, dtype)
-    check_group_limits(logits.shape[-1], k, n_groups, topk_groups, group_score)
+    return _softmax_topk(logits, k, softmax_order, renormalize, bias, n_groups, topk_groups, group_score,
+                         routed_scaling_factor)
+
+
+def _softmax_topk(logits: torch.Tensor, k: int, softmax_order: str, renormalize: bool, bias: torch.Tensor | None,
+                  n_groups: int, topk_groups: int, group_score: str, routed_scaling_factor: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`softmax_topk` without its checks, on logits already in the gating dtype (the layer's path, after
+    :class:`moe_lab.config.MoEConfig` validated the options)."""
     probs = logits.softmax(dim=-1)
     if bias is None:  # logits order experts like probs; groups' top-2 sums compare as logsumexp of logits
         _, experts = _limited_topk(logits, k, n_groups, topk_groups, group_score, log_space=True)
@@ -291,10 +311,17 @@ def sigmoid_topk(
         scores: ``[T, E]`` sigmoid scores (unbiased) in ``dtype``.  gates: ``[T, k]`` gate weights, best first.
         experts: ``[T, k]`` int64 selected experts.
     """
-    check_bool("renormalize", renormalize)
     check_bool("renormalize_single", renormalize_single)
-    logits = _router_math_input(logits, k, dtype)
-    check_group_limits(logits.shape[-1], k, n_groups, topk_groups, group_score)
+    logits = _check_gating(logits, k, renormalize, bias, n_groups, topk_groups, group_score, routed_scaling_factor,
+                           dtype)
+    return _sigmoid_topk(logits, k, bias, renormalize, n_groups, topk_groups, group_score, routed_scaling_factor,
+                         renormalize_single)
+
+
+def _sigmoid_topk(logits: torch.Tensor, k: int, bias: torch.Tensor | None, renormalize: bool, n_groups: int,
+                  topk_groups: int, group_score: str, routed_scaling_factor: float, renormalize_single: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sigmoid_topk` without its checks (the layer's path; see :func:`_softmax_topk`)."""
     scores = logits.sigmoid()
     if bias is None:
         group_sel = F.logsigmoid(logits) if group_score == "top2_sum" else logits

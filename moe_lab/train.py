@@ -1,62 +1,28 @@
 """One training loop for :class:`moe_lab.model.MoETransformer`, returning a :class:`History` that plots and
-widgets read (losses, every auxiliary loss term, tokens per expert per MoE layer, drop rate, time per step).
+widgets read (losses, the auxiliary loss terms in use, tokens per expert per MoE layer, drop rate, time per step).
 
 Gradient accumulation (``grad_accum`` micro-batches per optimiser step) and hooks
 (:class:`moe_lab.hooks.TrainHook`: schedules, NaN policies, checkpoints, the aux-loss-free bias update) plug
-in without the loop knowing what they do."""
+in without the loop knowing what they do. Per step the loop reads one small tensor back from the device (the
+losses, the recorded terms and the drop rates: one host sync on a GPU); auxiliary losses nobody weights or asks
+for are never computed."""
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .bias_balancing import BiasBalancer
 from .data import get_batch, val_windows
-from .hooks import TrainHook, TrainState
-from .metrics import max_violation_tensor
-from .model import LOSS_TERMS, MoETransformer
+from .hooks import History, TrainHook, TrainState
+from .losses import AUX_LOSSES
+from .model import LossOutput, MoETransformer
 from .validation import check_bool, check_int, check_number, check_tensor, check_type, reads_values
 
-
-@dataclass
-class History:
-    """Per-step records of a training run (per optimiser step; losses are means over its micro-batches).
-    ``aux``, ``z``, ``seq_aux``, ``device_aux``, ``comm_aux``: the unweighted loss terms summed over MoE layers;
-    ``tokens_per_expert[s]``: ``[n_moe_layers, E]`` token-slots per expert at step ``s`` (all micro-batches);
-    ``drop_rate[s]``: mean over MoE layers of the fraction of slots dropped by capacity (0 when dropless);
-    ``val``: ``(step, validation cross-entropy)`` pairs; ``extra``: what hooks logged with :meth:`log`
-    (e.g. ``extra["expert_bias"]``: ``[n_layers, E]`` per step from the bias balancer)."""
-
-    loss: list[float] = field(default_factory=list)
-    ce: list[float] = field(default_factory=list)
-    aux: list[float] = field(default_factory=list)
-    z: list[float] = field(default_factory=list)
-    seq_aux: list[float] = field(default_factory=list)
-    device_aux: list[float] = field(default_factory=list)
-    comm_aux: list[float] = field(default_factory=list)
-    drop_rate: list[float] = field(default_factory=list)
-    step_time: list[float] = field(default_factory=list)
-    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)
-    val: list[tuple[int, float]] = field(default_factory=list)
-    extra: dict[str, list[Any]] = field(default_factory=dict)
-
-    def log(self, name: str, value: Any) -> None:
-        """Append ``value`` to ``extra[name]`` (for hooks: one entry per step, or whenever they like)."""
-        self.extra.setdefault(name, []).append(value)
-
-    def expert_load(self) -> torch.Tensor:
-        """``[steps, n_moe_layers, E]`` token-slots per expert (empty for a dense model)."""
-        if not self.tokens_per_expert or self.tokens_per_expert[0].numel() == 0:
-            return torch.zeros(len(self.loss), 0, 0, dtype=torch.long)
-        return torch.stack(self.tokens_per_expert)
-
-    def max_violation(self) -> torch.Tensor:
-        """``[steps, n_moe_layers]`` MaxVio of each step's load per layer (Wang et al.'s MaxVio_batch)."""
-        return max_violation_tensor(self.expert_load())
+__all__ = ["History", "evaluate", "evaluate_load", "lr_at", "train"]
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -147,48 +113,91 @@ def _check_run(model: MoETransformer, data: torch.Tensor, batch_size: int, seq_l
 
 
 def _model_hooks(model: torch.nn.Module) -> list[TrainHook]:
-    """The hooks a model asks for (``model.training_hooks()``, if it has that method)."""
-    hooks = getattr(model, "training_hooks", None)
-    return list(hooks()) if callable(hooks) else []
+    """The hooks the model's layers need: a :class:`moe_lab.bias_balancing.BiasBalancer` when a layer updates its
+    selection bias (the bias is a model buffer; the update is training code)."""
+    balancer = BiasBalancer(model)
+    return [balancer] if balancer.layers else []
 
 
-def _record(history: History, outputs: list, start: float) -> None:
-    """Append one optimiser step (its micro-batches' outputs) to ``history``."""
-    n = len(outputs)
-    history.step_time.append(time.perf_counter() - start)
-    history.loss.append(sum(out.total.item() for out in outputs) / n)
-    history.ce.append(sum(out.ce.item() for out in outputs) / n)
-    for term in LOSS_TERMS:
-        getattr(history, term).append(sum(getattr(out, term).item() for out in outputs) / n)
-    drops = [info.drop_rate for out in outputs for info in out.infos]
-    history.drop_rate.append(sum(drops) / len(drops) if drops else 0.0)
-    if outputs[0].infos:
-        history.tokens_per_expert.append(sum(torch.stack([info.tokens_per_expert.cpu() for info in out.infos])
-                                             for out in outputs))
-    else:
-        history.tokens_per_expert.append(torch.zeros(0, dtype=torch.long))
+class _StepLog:
+    """The loop's per-step records: the losses, the ``record`` terms (computed without gradients where the loss
+    did not need them) and the drop rates of each step stay on the device until :meth:`flush` reads every pending
+    step back in one transfer (a GPU waits for the device once per flush); the loads stay on the device."""
+
+    def __init__(self, history: History, record: list[str], device: torch.device, lr: float):
+        self.history, self.record, self.device, self.lr = history, record, device, lr
+        self.pending: list[tuple[int, torch.Tensor, int, int, bool]] = []
+        self.window_start = time.perf_counter()
+
+    def add(self, step: int, outputs: list[LossOutput], skipped: bool) -> None:
+        infos = [info for out in outputs for info in out.infos]
+        with torch.no_grad():
+            per_output = [torch.stack([out.total, out.ce, *(out.term(t) for t in self.record)]).detach().double()
+                          for out in outputs]  # [n, 2 + len(record)]
+            drops = [(~info.keep).float().mean().double() for info in infos if info.keep is not None]
+            values = torch.cat([torch.stack(per_output).T.flatten(), torch.stack(drops) if drops else per_output[0][:0]])
+        self.pending.append((step, values, len(outputs), len(infos), skipped))
+        if outputs[0].infos:
+            self.history.tokens_per_expert.append(sum(torch.stack([info.tokens_per_expert for info in out.infos])
+                                                      for out in outputs))
+        else:
+            self.history.tokens_per_expert.append(torch.zeros(0, dtype=torch.long))
+
+    def flush(self) -> None:
+        """Read the pending steps into the history (times: the window's wall time shared equally); raise
+        ``FloatingPointError`` at the first non-finite loss of a step no hook skipped."""
+        if not self.pending:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        per_step = (now - self.window_start) / len(self.pending)
+        values = torch.cat([v for _, v, _, _, _ in self.pending]).tolist()
+        h, columns, offset = self.history, 2 + len(self.record), 0
+        for step, _, n, n_infos, skipped in self.pending:
+            means = [sum(values[offset + i * n:offset + (i + 1) * n]) / n for i in range(columns)]
+            drops = values[offset + columns * n:offset + columns * n + n_infos]
+            offset += columns * n + len(drops)
+            h.step_time.append(per_step)
+            h.loss.append(means[0])
+            h.ce.append(means[1])
+            for term, value in zip(self.record, means[2:]):
+                h.terms.setdefault(term, []).append(value)
+            h.drop_rate.append(sum(drops) / n_infos if n_infos else 0.0)  # dropless layers add 0
+            if not math.isfinite(means[0]) and not skipped:
+                self.pending = []
+                raise FloatingPointError(f"the loss is {means[0]} at step {step}: training diverged (try a learning "
+                                         f"rate below lr={self.lr}, gradient clipping or the z-loss)")
+        self.pending, self.window_start = [], now
 
 
 def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: int = 16, seq_len: int = 64,
           lr: float = 3e-3, warmup: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0,
           grad_accum: int = 1, hooks: Sequence[TrainHook] = (), val_data: torch.Tensor | None = None,
           eval_every: int = 0, eval_tokens: int | None = None, seed: int = 0, progress: bool = True,
-          desc: str | None = None) -> History:
+          desc: str | None = None, record: Sequence[str] = (), sync_every: int = 1) -> History:
     """Train ``model`` on random windows of ``data: [N]`` token ids with AdamW for ``steps`` optimiser steps.
 
     Each step draws ``grad_accum * batch_size`` windows (one draw from a generator seeded with ``seed``), runs
     them as ``grad_accum`` micro-batches of ``batch_size`` (loss / grad_accum each, gradients summed), clips
     the gradient norm to ``grad_clip`` (0 = off) and steps the optimizer. The loss is
-    :meth:`MoETransformer.loss` (cross-entropy + weighted auxiliary losses). ``hooks``
-    (:class:`moe_lab.hooks.TrainHook`) run after the model's own ``model.training_hooks()`` (e.g. the
-    aux-loss-free bias balancer). With ``val_data`` and ``eval_every > 0`` the validation loss (:func:`evaluate`
-    with ``tokens=eval_tokens``; None: its legacy random windows) is recorded every ``eval_every`` steps and at
-    the end. A hook may end the run early (``state.stop = True``). ``progress`` shows a tqdm bar.
-    Raises ``FloatingPointError`` as soon as the loss is NaN or infinite (unless a hook skipped that step).
+    :meth:`MoETransformer.loss` (cross-entropy + the auxiliary losses with a non-zero weight). ``hooks``
+    (:class:`moe_lab.hooks.TrainHook`) run after the ones the model's layers need (the aux-loss-free bias
+    balancer). With ``val_data`` and ``eval_every > 0`` the validation loss (:func:`evaluate` with
+    ``tokens=eval_tokens``; None: its legacy random windows) is recorded every ``eval_every`` steps and at the
+    end. A hook may end the run early (``state.stop = True``). ``progress`` shows a tqdm bar. ``record``:
+    auxiliary loss terms (names of :data:`moe_lab.losses.AUX_LOSSES`) to record in ``History.terms`` every step
+    even at zero weight (the weighted ones are always recorded). ``sync_every``: read the step records back from
+    the device every this many steps (and at the end, before an evaluation and when a hook stops the run), one
+    transfer each time: on a GPU the loop then waits for the device once per ``sync_every`` steps;
+    ``history.step_time`` gives each step of a window the window's mean, and the bar and ``history`` lag by up to
+    ``sync_every - 1`` steps.
+    Raises ``FloatingPointError`` when the loss of a step is NaN or infinite (unless a hook skipped that step),
+    at the read that brings it back.
     """
     _check_run(model, data, batch_size, seq_len, val_data)
     for name, value, low in (("steps", steps, 1), ("warmup", warmup, 0), ("grad_accum", grad_accum, 1),
-                             ("eval_every", eval_every, 0), ("seed", seed, 0)):
+                             ("eval_every", eval_every, 0), ("seed", seed, 0), ("sync_every", sync_every, 1)):
         check_int(name, value, low)
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip (0 = off)", grad_clip)):
         check_number(name, value, 0)
@@ -198,17 +207,26 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
     for hook in hooks:
         if not isinstance(hook, TrainHook):
             raise ValueError(f"hooks must be moe_lab.hooks.TrainHook objects, got {type(hook).__name__}")
+    cfg = getattr(model, "cfg", None)
+    for term in record:
+        if term not in AUX_LOSSES:
+            raise ValueError(f"record must hold names of moe_lab.losses.AUX_LOSSES {tuple(AUX_LOSSES)}, got {term!r}")
+        if getattr(cfg, "num_experts", 0) and not AUX_LOSSES[term].applies(cfg):
+            raise ValueError(f"record={tuple(record)}: this model's layers do not define {term!r} "
+                             f"({AUX_LOSSES[term].doc})")
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     history = History()
-    state = TrainState(model=model, optimizer=opt, history=history, steps=steps)
+    weights = getattr(model, "loss_weights", {})
+    state = TrainState(model=model, optimizer=opt, history=history, steps=steps,
+                       record=[t for t in AUX_LOSSES if weights.get(t) or t in record])
     model.train()
     for hook in hooks:
         hook.on_train_start(state)
+    log = _StepLog(history, state.record, device, lr)
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
-        start = time.perf_counter()
         state.step, state.lr, state.skip_step, state.outputs = step, lr_at(step, steps, lr, warmup), False, []
         for group in opt.param_groups:
             group["lr"] = state.lr
@@ -227,16 +245,14 @@ def train(model: MoETransformer, data: torch.Tensor, *, steps: int, batch_size: 
             opt.step()
         for hook in hooks:
             hook.after_optimizer_step(state)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        _record(history, state.outputs, start)
-        if not math.isfinite(history.loss[-1]) and not state.skip_step:
-            raise FloatingPointError(f"the loss is {history.loss[-1]} at step {step}: training diverged "
-                                     f"(try a learning rate below lr={lr}, gradient clipping or the z-loss)")
-        if val_data is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        log.add(step, state.outputs, state.skip_step)
+        evaluating = val_data is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps)
+        if (step + 1) % sync_every == 0 or step + 1 == steps or evaluating or state.stop:
+            log.flush()
+            bar.set_postfix(loss=f"{history.ce[-1]:.3f}")
+        if evaluating:
             history.val.append((step + 1, evaluate(model, val_data, seq_len=seq_len, tokens=eval_tokens,
                                                    batch_size=batch_size)))
-        bar.set_postfix(loss=f"{history.ce[-1]:.3f}")
         if state.stop:
             break
     for hook in hooks:

@@ -37,9 +37,8 @@ import torch
 from .config import MoEConfig, MoEOptions
 from .validation import check_bool, check_int, check_number, check_tensor, check_type
 from .experts import FFN, Experts
-from .finetune import moe_layers_of
 from .hooks import TrainHook, TrainState
-from .layer import MoELayer
+from .layer import MoELayer, moe_layers
 from .metrics import routing_entropy
 from .model import ModelConfig, MoETransformer
 
@@ -265,7 +264,7 @@ class DivergenceLog(TrainHook):
     the step's tokens, ``log E`` = uniform, :func:`moe_lab.metrics.routing_entropy`)."""
 
     def after_optimizer_step(self, state: TrainState) -> None:
-        layers = moe_layers_of(state.model)
+        layers = moe_layers(state.model)
         state.history.log("expert_distance", [mean_pairwise_distance(layer.experts) for layer in layers])
         entropy = [sum(routing_entropy(out.infos[i].probs.detach()) for out in state.outputs) / len(state.outputs)
                    for i in range(len(layers))]

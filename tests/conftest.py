@@ -51,3 +51,43 @@ def _seed():
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+def pytest_configure(config):
+    """pytest-xdist's ``--dist loadscope`` reorders the scopes by their number of tests unless told not to: keep the
+    order of :func:`pytest_collection_modifyitems` (longest scopes first; a browser notebook is 2 tests but minutes)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """Around the other plugins' changes (``-k`` / ``-m`` deselection): first every nbval notebook cell is marked
+    ``slow`` (``-m "not slow"`` leaves the notebooks out). Then, among what will really run, each notebook runs once:
+    a lecture notebook whose "run all" the browser test will check (as nbval would, see ``tests/test_browser.py``)
+    leaves nbval; without the browser test (no Chromium, or deselected) nbval runs it. Last, the longest scopes
+    first (the browser's notebooks, the modules with a slow test, the notebooks under nbval), so that
+    ``pytest-xdist --dist loadscope`` (which hands out scopes in the order they first appear) starts no long one
+    last."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
+    yield
+    in_browser = {getattr(item.cls, "notebook", None) for item in items
+                  if item.nodeid.startswith("tests/test_browser.py::") and item.name.startswith("test_run_all")}
+    dropped = [item for item in items if item.path.suffix == ".ipynb" and item.path.parent.name == "notebooks"
+               and item.path.name in in_browser]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        kept = set(map(id, dropped))
+        items[:] = [item for item in items if id(item) not in kept]
+
+    def weight(item) -> tuple:
+        browser = item.nodeid.startswith("tests/test_browser.py::")
+        notebook = (getattr(item.cls, "notebook", None) or "") if browser else item.path.name
+        if not browser and item.path.suffix != ".ipynb":  # a module with a slow test is a long scope too
+            return (1 if item.get_closest_marker("slow") else 3,)
+        # later notebooks train more models: a rough "longest first" (the cells of a notebook stay together)
+        return (0 if browser else 2, -int(notebook[:2]) if notebook[:2].isdigit() else 0, str(item.path.parent))
+
+    items.sort(key=weight)  # stable: the order inside each group stays

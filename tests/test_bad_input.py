@@ -43,3 +43,21 @@ def test_grouped_mm_rejects_counts_that_do_not_match_its_operands(counts):
 
     with pytest.raises(ValueError, match="counts"):
         grouped_mm(torch.randn(6, 3), torch.randn(2, 3, 2), torch.tensor(counts), fused=False)
+
+
+def test_all_finite_is_exact_even_where_the_sum_overflows():
+    """The one-reduction finiteness test behind the input checks: a sum of finite values that overflows still
+    counts as finite (the exact test decides), NaN and infinities anywhere do not."""
+    from moe_lab.validation import all_finite
+
+    big = torch.full((4, 3), 3e38)  # finite, but its sum overflows float32
+    assert all_finite(big) and all_finite(big.bfloat16()) and all_finite(torch.arange(5))
+    assert all_finite(torch.zeros(0)) and all_finite(torch.tensor([True]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(2, 5)
+        t[1, 3] = bad
+        assert not all_finite(t) and not all_finite(t.double()) and not all_finite(t.T)
+    from moe_lab.validation import check_finite
+
+    with pytest.raises(ValueError, match="x must be finite, got 1 non-finite"):
+        check_finite("x", torch.tensor([1.0, float("nan")]))

@@ -144,14 +144,50 @@ def test_sweep_configs_vary_one_axis_at_a_time():
 def test_sweep_table_json_and_plot(tmp_path, capsys):
     plot = tmp_path / "sub" / "sweep.png"
     plot.parent.mkdir()
-    main(["--sweep", "--quick", "--device", "cpu", "--plot", str(plot)])
+    main(["--sweep", "--quick", "--device", "cpu", "--impl", "sorted", "--plot", str(plot)])
     out = capsys.readouterr().out
     assert "sorted ms" in out and "plot saved to" in out
-    assert [line.split()[0] for line in out.splitlines()[3:9]] == ["tokens"] * 2 + ["experts"] * 2 + ["k"] * 2
+    lines = out.splitlines()[3:11]
+    assert [line.split()[0] for line in lines] == ["tokens"] * 2 + ["experts"] * 2 + ["k"] * 2 + ["granularity"] * 2
+    assert [line.split()[2:5] for line in lines[-2:]] == [["16", "1", "64"], ["32", "2", "32"]]  # E, k, d_ff
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     main(["--sweep", "--quick", "--device", "cpu", "--json", "--impl", "sorted", "loop"])
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert {r["implementation"] for r in rows} == {"dense", "sorted", "loop"} and len(rows) == 3 * 6
+    assert {r["implementation"] for r in rows} == {"dense", "sorted", "loop"} and len(rows) == 3 * 8
+    assert all(len(r["load"]) == 2 and min(r["load"]) >= 0 for r in rows)
+
+
+def test_granularity_axis_is_the_fine_grained_family_at_equal_active_flops():
+    points = sweep.sweep_configs(BenchConfig(d_ff=512), {"granularity": (1, 2, 4, 8)})
+    assert [(c.experts, c.k, c.d_ff) for _, _, c in points] == [(16, 1, 512), (32, 2, 256), (64, 4, 128), (128, 8, 64)]
+    assert len({expert_flops(c) for _, _, c in points}) == 1  # the same active expert FLOPs at every m
+
+
+def test_wait_for_load_waits_until_the_load_falls(monkeypatch):
+    loads = iter([3.0, 2.5, 0.4, 0.4])
+    monkeypatch.setattr(sweep.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    assert sweep.wait_for_load(0.5) == 0.4
+    monkeypatch.setattr(sweep.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert sweep.wait_for_load(None) == 9.0  # no limit: no wait
+    assert sweep.wait_for_load(0.5, timeout_s=0.0) == 9.0  # gives up at the timeout
+
+
+def test_model_rows_time_a_train_step_of_moe_and_dense(capsys):
+    from moe_lab.bench import model
+
+    cfg = model.quick(model.MODEL_SIZES["capstone"])
+    dense, moe = model.model_config("dense", cfg), model.model_config("moe", cfg)
+    assert dense.d_ff == moe.k * moe.d_expert and not dense.num_experts  # equal active FFN width
+    rows = model.run_model_benchmark(cfg)
+    assert [r.row for r in rows] == list(model.MODEL_ROWS)
+    assert all(r.train_ms > 0 and r.step_ms > 0 and r.bookkeeping < 1 for r in rows)
+    assert "/dense" in model.format_model_table(rows) and "1.00x" in model.format_model_table(rows)
+    main(["--model", "capstone", "--quick", "--json", "--clock", "cpu"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(r["size"], r["row"]) for r in lines] == [("capstone", row) for row in model.MODEL_ROWS]
+    with pytest.raises(ValueError, match="clock must be one of"):
+        model.run_model_benchmark(model.replace(cfg, clock="gpu"))
 
 
 def test_sweep_ratio_is_time_over_dense():
@@ -180,13 +216,18 @@ def test_gpu_suite_report_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
     from moe_lab.bench import gpu
 
     monkeypatch.setattr(gpu, "run_tests", lambda root: (0, "13 passed"))
-    status = gpu.run_gpu_suite(tmp_path, BenchConfig(**{**TINY.__dict__, "repeats": 1}))
+    from moe_lab.bench import model
+
+    status = gpu.run_gpu_suite(tmp_path, BenchConfig(**{**TINY.__dict__, "repeats": 1}),
+                               {"capstone": model.quick(model.MODEL_SIZES["capstone"])})
     assert status == 0
     report = (tmp_path / "gpu_report.md").read_text()
     assert "13 passed" in report and "TFLOP/s" in report and "Profile of `sorted`" in report
     data = json.loads((tmp_path / "gpu_report.json").read_text())
     assert data["tests_exit_status"] == 0 and data["gemm_tflops"] > 0
     assert [r["implementation"] for r in data["rows"]] == list(IMPLEMENTATIONS)
+    assert [r["row"] for r in data["model_rows"]["capstone"]] == list(model.MODEL_ROWS)
+    assert "Model-level rows" in report
 
 
 def test_gpu_suite_finds_the_test_files():

@@ -10,6 +10,11 @@ widget's static first render; after "run all" every widget renders live (no "Loa
 displaying widget", no error output) and moving one control per dashboard changes its figure. Then, with JupyterLab's "Save Widget State
 Automatically" on, a run, save and reopen of the welcome notebook shows its dashboard from the saved state. Skipped with the reason when
 Playwright or Chromium is missing.
+
+The "run all" is the suite's one execution of these notebooks: it is checked as nbval checks a notebook (no cell
+raises, every ``# NBVAL_CHECK_OUTPUT`` cell reproduces its stored output; :func:`tests.notebook_code.run_problems`),
+and ``tests/conftest.py`` leaves them out of nbval whenever this test runs them. Each notebook is a class of its own,
+so that ``pytest-xdist --dist loadscope`` spreads the notebooks over the workers.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from .notebook_code import ROOT
+from .notebook_code import ROOT, WIDGET_VIEW, run_problems, widget_notebooks
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install "
@@ -40,22 +45,11 @@ TEST_SETTINGS = {  # JupyterLab's defaults, but quiet, offline, and every cell k
     "@jupyterlab/apputils-extension:notification": {"checkForUpdates": False, "fetchNews": "false"},
     "@jupyterlab/notebook-extension:tracker": {"windowingMode": "none"},
 }
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 RUN_TIMEOUT_S = 240  # "run all" of the slowest notebook, with room for a busy 2-core machine
 UI_TIMEOUT_MS = 60_000
-
-
-def _widget_notebooks() -> list[str]:
-    names = []
-    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        cells = json.loads(path.read_text())["cells"]
-        if any(WIDGET_VIEW in out.get("data", {}) for c in cells if c["cell_type"] == "code" for out in c["outputs"]):
-            names.append(path.name)
-    return names
-
-
-NOTEBOOKS = _widget_notebooks()
+NOTEBOOKS = [path.name for path in widget_notebooks()]
 EXERCISES = sorted(p.name for p in (ROOT / "exercises").glob("[0-9][0-9]_*.ipynb"))
+pytestmark = pytest.mark.slow
 
 
 def _server_url(runtime: Path, pid: int) -> str | None:
@@ -144,8 +138,9 @@ KERNEL_IDLE_JS = f"""() => {{
 ALL_RUN_JS = f"""() => {{
     const w = {NOTEBOOK_JS};
     const code = w.content.widgets.filter(c => c.model.type === 'code');
+    const failed = code.some(c => c.model.outputs.toJSON().some(o => o.output_type === 'error'));
     return w.sessionContext.session.kernel.status === 'idle'
-        && code.every(c => /^\\[\\d+\\]/.test(c.promptNode.textContent.trim()));
+        && (failed || code.every(c => /^\\[\\d+\\]/.test(c.promptNode.textContent.trim())));
 }}"""
 
 
@@ -191,11 +186,15 @@ def _model_differences(page, lab, name: str) -> str:
 
 
 def _open_and_run_all(page, lab, name: str) -> None:
-    """Open ``name``, run every cell, wait until all have run and check that every widget rendered."""
+    """Open ``name``, run every cell, wait until all have run (or one failed), check the run as nbval would and
+    that every widget rendered."""
     _open(page, lab, name)
     page.evaluate("async () => { await jupyterapp.commands.execute('notebook:run-all-cells'); }")
     page.wait_for_timeout(500)
     page.wait_for_function(ALL_RUN_JS, timeout=RUN_TIMEOUT_S * 1000, polling=500)
+    ran = json.loads(page.evaluate(f"() => JSON.stringify({NOTEBOOK_JS}.context.model.toJSON())"))["cells"]
+    problems = run_problems(ran, json.loads((ROOT / "notebooks" / name).read_text())["cells"])
+    assert not problems, f"{name}: " + "\n".join(problems)[:5000]
     _assert_widgets_render(page, name)
 
 
@@ -240,48 +239,57 @@ def _move_one_control(page, dashboard) -> str:
 
 
 # --- tests ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_stored_notebook_opens_unmodified_with_static_widgets(browser, lab, name):
-    page = browser.new_page()
-    try:
-        _open(page, lab, name)
-        page.wait_for_timeout(1000)  # let the kernel's info and the widget manager settle
-        if page.evaluate(f"() => {NOTEBOOK_JS}.context.model.dirty"):
-            pytest.fail(f"{name} is marked modified on open: {_model_differences(page, lab, name)}")
-        _assert_widgets_render(page, name)
-        texts = _texts(page)
-        assert not any(t.strip().endswith("0%|          |") or " 0%|" in t for t in texts), \
-            f"{name}: a stored progress bar shows 0%"
-        nb = json.loads((lab["root"] / name).read_text())
-        views = sum(WIDGET_VIEW in o.get("data", {}) for c in nb["cells"] if c["cell_type"] == "code"
-                    for o in c["outputs"])
-        images = page.locator(".jp-OutputArea-output img")
-        assert images.count() >= views - sum("|" in t and "%" in t for t in texts), \
-            f"{name}: a stored dashboard shows no figure"
-    finally:
-        page.close()
-        _shutdown_kernels(lab)
+class _NotebookInBrowser:
+    """The browser tests of one notebook, ``notebook`` (one subclass per notebook, made below)."""
+
+    notebook: str
+
+    def test_stored_notebook_opens_unmodified_with_static_widgets(self, browser, lab):
+        name = self.notebook
+        page = browser.new_page()
+        try:
+            _open(page, lab, name)
+            page.wait_for_timeout(1000)  # let the kernel's info and the widget manager settle
+            if page.evaluate(f"() => {NOTEBOOK_JS}.context.model.dirty"):
+                pytest.fail(f"{name} is marked modified on open: {_model_differences(page, lab, name)}")
+            _assert_widgets_render(page, name)
+            texts = _texts(page)
+            assert not any(t.strip().endswith("0%|          |") or " 0%|" in t for t in texts), \
+                f"{name}: a stored progress bar shows 0%"
+            nb = json.loads((lab["root"] / name).read_text())
+            views = sum(WIDGET_VIEW in o.get("data", {}) for c in nb["cells"] if c["cell_type"] == "code"
+                        for o in c["outputs"])
+            images = page.locator(".jp-OutputArea-output img")
+            assert images.count() >= views - sum("|" in t and "%" in t for t in texts), \
+                f"{name}: a stored dashboard shows no figure"
+        finally:
+            page.close()
+            _shutdown_kernels(lab)
+
+    def test_run_all_renders_live_widgets_and_controls_redraw(self, browser, lab):
+        name = self.notebook
+        page = browser.new_page()
+        try:
+            _open_and_run_all(page, lab, name)
+            for i, dashboard in enumerate(_dashboards(page)):
+                image = dashboard.locator(".widget-output img").first
+                before = image.get_attribute("src")
+                moved = _move_one_control(page, dashboard)
+                page.wait_for_function(
+                    "([el, before]) => { const img = el.querySelector('.widget-output img');"
+                    " return img && img.getAttribute('src') !== before; }",
+                    arg=[dashboard.element_handle(), before], timeout=UI_TIMEOUT_MS)
+                assert not any("Error displaying widget" in t for t in _texts(page)), f"{name} dashboard {i}: {moved}"
+            bars = [t for t in _texts(page) if "it/s" in t]  # tqdm progress bars
+            assert all("100%" in t for t in bars), f"{name}: progress bars did not finish: {bars}"
+        finally:
+            page.close()
+            _shutdown_kernels(lab)
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_run_all_renders_live_widgets_and_controls_redraw(browser, lab, name):
-    page = browser.new_page()
-    try:
-        _open_and_run_all(page, lab, name)
-        for i, dashboard in enumerate(_dashboards(page)):
-            image = dashboard.locator(".widget-output img").first
-            before = image.get_attribute("src")
-            moved = _move_one_control(page, dashboard)
-            page.wait_for_function(
-                "([el, before]) => { const img = el.querySelector('.widget-output img');"
-                " return img && img.getAttribute('src') !== before; }",
-                arg=[dashboard.element_handle(), before], timeout=UI_TIMEOUT_MS)
-            assert not any("Error displaying widget" in t for t in _texts(page)), f"{name} dashboard {i}: {moved}"
-        bars = [t for t in _texts(page) if "it/s" in t]  # tqdm progress bars
-        assert all("100%" in t for t in bars), f"{name}: progress bars did not finish: {bars}"
-    finally:
-        page.close()
-        _shutdown_kernels(lab)
+for _name in NOTEBOOKS:  # a class per notebook: xdist's loadscope schedules classes apart
+    _class = "TestNotebook" + Path(_name).stem.title().replace("_", "")
+    globals()[_class] = type(_class, (_NotebookInBrowser,), {"notebook": _name})
 
 
 def test_saved_notebook_reopens_with_its_dashboard(browser, lab):
@@ -310,6 +318,7 @@ def test_saved_notebook_reopens_with_its_dashboard(browser, lab):
         page.close()
         _shutdown_kernels(lab)
         _api(lab, "PUT", plugin, {"raw": "{}"})
+        shutil.copy(ROOT / "notebooks" / name, lab["root"] / name)  # the stored notebook again, for other tests
 
 
 @pytest.mark.parametrize("name", EXERCISES)

@@ -49,6 +49,7 @@ def test_failure_lines_are_wrapped_at_spaces():
         words(result.message)
 
 
+@pytest.mark.slow
 def test_never_raises_on_broken_answers():
     def crash(*args):
         raise KeyError("boom")
@@ -80,6 +81,7 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+@pytest.mark.slow
 def test_hard_coded_visible_answers_fail_hidden_cases():
     for ex_id, ex in REGISTRY.items():
         seed_everything(0)

@@ -41,7 +41,10 @@ def test_every_reference_run_has_a_stored_result_made_by_its_code(name):
     assert (RESULTS / f"{name}.json.gz").exists()
     assert set(result["arms"]) == set(run.arms)
     for arm, cfg in run.arms.items():
-        assert result["arms"][arm]["config"] == config_dict(cfg), arm
+        stored, current = result["arms"][arm]["config"], config_dict(cfg)
+        assert stored == {k: current[k] for k in stored}, arm
+        defaults = config_dict(type(cfg)(**{k: getattr(cfg, k) for k in stored}))
+        assert all(current[k] == defaults[k] for k in current.keys() - stored.keys()), arm  # options added since: off
         assert result["arms"][arm]["steps"] == run.budget.steps_for(cfg, batch_size=run.setup.batch_size,
                                                                     seq_len=run.setup.seq_len)
         assert [r["seed"] for r in result["runs"][arm]] == list(run.seeds)

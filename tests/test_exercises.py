@@ -19,6 +19,7 @@ def test_every_registered_exercise_appears_in_a_solution():
     assert in_notebooks == set(REGISTRY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
 def test_solutions_pass_visible_and_hidden_cases(path):
     namespace = notebook_namespace(path)

@@ -7,10 +7,10 @@ import torch
 from moe_lab.calculator import count_params
 from moe_lab.data import pydoc_corpus, stdlib_corpus
 from moe_lab.dispatch import DISPATCH
-from moe_lab.finetune import (GROUPS, ConstantLR, configure_moe, count_parameters, moe_layers_of, parameter_groups,
+from moe_lab.finetune import (GROUPS, ConstantLR, configure_moe, count_parameters, parameter_groups,
                               set_trainable)
 from moe_lab.hooks import TrainHook
-from moe_lab.layer import MoELayer
+from moe_lab.layer import MoELayer, moe_layers
 from moe_lab.model import MoETransformer, toy_config
 from moe_lab.train import evaluate, train
 
@@ -69,7 +69,7 @@ def test_configure_moe_changes_every_layer_and_the_config():
     model = small("mixtral", capacity_factor=1.0)
     configure_moe(model, expert_dropout=0.3, eval_capacity_factor=None)
     assert model.cfg.expert_dropout == 0.3 and model.cfg.eval_capacity_factor is None
-    for layer in moe_layers_of(model):
+    for layer in moe_layers(model):
         assert layer.config.expert_dropout == 0.3 and layer.experts.dropout == 0.3
         assert layer.config.capacity_factor_eval is None
     data = stdlib_corpus(20_000)
@@ -94,7 +94,7 @@ def test_configure_moe_bad_input():
         configure_moe(model, aux_coef=0.1)
     with pytest.raises(ValueError, match="no MoE layers"):
         configure_moe(small("dense"), expert_dropout=0.1)
-    assert model.cfg.expert_dropout == 0 and all(m.config.expert_dropout == 0 for m in moe_layers_of(model))
+    assert model.cfg.expert_dropout == 0 and all(m.config.expert_dropout == 0 for m in moe_layers(model))
 
 
 def test_pydoc_corpus_is_english_prose_and_deterministic():

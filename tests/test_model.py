@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_lab.bias_balancing import BiasBalancer
 from moe_lab.calculator import PRESETS, PUBLISHED_ROUTING
 from moe_lab.config import MoEOptions
+from moe_lab.losses import importance_loss, router_z_loss
+from moe_lab.routing import dense_gates
 from moe_lab.layer import MoELayer
 from moe_lab.model import TOY_PRESETS, Attention, ModelConfig, MoETransformer, rope, toy_config
 
@@ -74,13 +75,6 @@ def test_model_config_forwards_layer_options():
     with pytest.raises(ValueError, match="bias_update_rate"):
         toy_config("deepseek_v3", bias_update_rate=-1e-3)
     ModelConfig(n_groups=5)  # a dense model has no MoE layer to check it against
-
-
-def test_training_hooks_come_from_the_layer_options():
-    (hook,) = MoETransformer(toy_config("deepseek_v3")).training_hooks()
-    assert isinstance(hook, BiasBalancer) and len(hook.layers) == 3
-    assert MoETransformer(toy_config("deepseek_v3", bias_update_rate=0.0)).training_hooks() == []
-    assert MoETransformer(toy_config("deepseek_v1")).training_hooks() == []
 
 
 def test_presets_have_equal_active_ffn_width():
@@ -178,6 +172,25 @@ def test_loss_combines_cross_entropy_aux_and_z():
     torch.testing.assert_close(out.aux, sum(i.aux_loss for i in infos))
     torch.testing.assert_close(out.z, sum(i.z_loss for i in infos))
     torch.testing.assert_close(out.total, out.ce + 1e-2 * out.aux + 1e-3 * out.z)
+
+
+def test_loss_computes_only_the_weighted_and_the_requested_terms():
+    model = MoETransformer(toy_config("mixtral", n_layers=2))  # aux_coef 1e-2, nothing else weighted
+    x, y = torch.randint(0, 256, (2, 2, 16))
+    out = model.loss(x, y)
+    assert list(out.terms) == ["aux"] and all(set(i.computed) <= {"probs", "aux"} for i in out.infos)
+    out = model.loss(x, y, terms=("z", "importance"))
+    assert list(out.terms) == ["aux", "z", "importance"]
+    torch.testing.assert_close(out.z, sum(router_z_loss(i.logits) for i in out.infos))
+    torch.testing.assert_close(out.term("importance"),
+                               sum(importance_loss(dense_gates(i.gates, i.experts, 8)) for i in out.infos))
+    assert MoETransformer(toy_config("dense", n_layers=1)).loss(x, y, terms=("z",)).z == 0
+    with pytest.raises(ValueError, match="terms must be names"):
+        model.loss(x, y, terms=("zloss",))
+    with pytest.raises(ValueError, match="load_coef=0.1 needs a layer that defines it"):
+        toy_config("mixtral", load_coef=0.1)  # Shazeer's smooth load loss needs the noisy router
+    with pytest.raises(ValueError, match="z_coef must be a finite number >= 0"):
+        toy_config("mixtral", z_coef=-1.0)
 
 
 def test_switch_capacity_drops_tokens_and_tied_embeddings():

@@ -91,7 +91,9 @@ def test_training_is_deterministic_and_dense_history_has_no_load():
                           progress=False))
     assert runs[0].loss == runs[1].loss
     assert runs[0].expert_load().shape == (3, 0, 0)
-    assert runs[0].aux == [0.0] * 3
+    assert runs[0].terms == {}  # no auxiliary term has a weight: none is computed or recorded
+    with pytest.raises(AttributeError, match="record=\\('aux',\\)"):
+        runs[0].aux
 
 
 def test_evaluate_restores_mode():
@@ -191,7 +193,7 @@ def test_history_max_violation_and_eval_load():
     model = MoETransformer(toy_config("mixtral", **SMALL))
     h = train(model, data, steps=3, batch_size=4, seq_len=16, progress=False)
     torch.testing.assert_close(h.max_violation(), max_violation_tensor(h.expert_load()))
-    assert h.max_violation().shape == (3, 2) and len(h.seq_aux) == len(h.device_aux) == len(h.comm_aux) == 3
+    assert h.max_violation().shape == (3, 2) and list(h.terms) == ["aux"]  # the preset weights only aux
     load = evaluate_load(model, data, batch_size=2, seq_len=16, batches=3)
     assert load.shape == (2, 8) and torch.all(load.sum(-1) == 3 * 2 * 16 * 2)
     assert model.training
@@ -244,3 +246,72 @@ def test_evaluate_names_bad_arguments():
         evaluate(model, data, seq_len=8, tokens=64, batch_size=0)
     with pytest.raises(ValueError, match="tokens must be an integer >= 8"):
         evaluate(model, data, seq_len=8, tokens=4)
+
+
+def test_recorded_terms_equal_their_definition_and_unweighted_ones_only_when_asked():
+    """Weighted terms are recorded; ``record`` adds unweighted ones, computed after the backward pass: each
+    equals its formula recomputed in float64 from the step's routing (mean over micro-batches, sum over layers)."""
+    data = stdlib_corpus(5000)
+    model = MoETransformer(toy_config("st_moe", **SMALL))  # aux and z weighted
+    rec = Capture()
+    h = train(model, data, steps=2, batch_size=2, seq_len=16, grad_accum=2, hooks=[rec], progress=False,
+              record=("seq_aux",))
+    assert list(h.terms) == ["aux", "z", "seq_aux"]
+    for step, outputs in enumerate(rec.outputs):
+        z = [sum(float(torch.logsumexp(i.logits.detach().double(), -1).square().mean()) for i in out.infos) for out in outputs]
+        assert h.z[step] == pytest.approx(sum(z) / 2, rel=1e-6)
+        seq = []
+        for out in outputs:  # DeepSeek-V3's sequence-wise loss per layer, by hand: 2 sequences of 16 tokens
+            total = 0.0
+            for i in out.infos:
+                probs, experts = i.probs.detach().double().view(2, 16, 8), i.experts.view(2, 16, 2)
+                f = torch.stack([torch.bincount(e.flatten(), minlength=8) for e in experts]).double() * 8 / (2 * 16)
+                total += float((f * probs.mean(1)).sum(-1).mean())
+            seq.append(total)
+        assert h.seq_aux[step] == pytest.approx(sum(seq) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="record must hold names"):
+        train(model, data, steps=1, record=("zloss",), progress=False)
+    with pytest.raises(ValueError, match="do not define 'load'"):  # Shazeer's load loss needs the noisy router
+        train(model, data, steps=1, record=("load",), progress=False)
+
+
+class Capture(TrainHook):
+    """Keeps each step's micro-batch outputs."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def after_optimizer_step(self, state):
+        self.outputs.append(list(state.outputs))
+
+
+def test_train_adds_the_bias_balancer_the_layers_need():
+    data = stdlib_corpus(5000)
+    h = train(MoETransformer(toy_config("deepseek_v3", **SMALL)), data, steps=2, batch_size=2, seq_len=16,
+              progress=False)  # one dense layer, then one MoE layer with a selection bias and gamma 1e-3
+    assert len(h.extra["expert_bias"]) == 2 and h.extra["expert_bias"][0].shape == (1, 32)
+    assert h.extra["expert_bias"][0].abs().max() == pytest.approx(1e-3)  # one sign step of gamma
+    for quiet in (toy_config("deepseek_v3", bias_update_rate=0.0, **SMALL), toy_config("deepseek_v1", **SMALL)):
+        h = train(MoETransformer(quiet), data, steps=1, batch_size=2, seq_len=16, progress=False)
+        assert "expert_bias" not in h.extra
+
+
+def test_reading_the_records_every_few_steps_gives_the_same_history():
+    """sync_every=N reads the step records back once per N steps (a GPU then waits once per N steps): the same
+    values as reading every step; a diverged loss still stops training, naming its step."""
+    data = stdlib_corpus(5000)
+    runs = []
+    for sync_every in (1, 3):
+        torch.manual_seed(0)
+        runs.append(train(MoETransformer(toy_config("switch", **SMALL)), data, steps=7, batch_size=2, seq_len=16,
+                          progress=False, sync_every=sync_every, record=("z",)))
+    a, b = runs
+    assert (a.loss, a.ce, a.terms, a.drop_rate) == (b.loss, b.ce, b.terms, b.drop_rate) and len(b.step_time) == 7
+    assert torch.equal(a.expert_load(), b.expert_load())
+    model = MoETransformer(toy_config("dense", **SMALL))  # (an MoE layer would refuse the NaN input at step 1)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):  # found at the read after step 3
+        train(model, data, steps=5, batch_size=2, seq_len=16, progress=False, sync_every=4)
+    with pytest.raises(ValueError, match="sync_every"):
+        train(model, data, steps=1, sync_every=0, progress=False)

@@ -10,7 +10,7 @@ import torch
 from moe_lab.calculator import count_params
 from moe_lab.config import MoEConfig
 from moe_lab.experts import FFN
-from moe_lab.finetune import moe_layers_of
+from moe_lab.layer import moe_layers
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.train import train
 from moe_lab.upcycle import (DivergenceLog, expert_distance, mean_pairwise_distance, upcycle, upcycle_ffn,
@@ -26,7 +26,7 @@ def dense_model(**overrides) -> MoETransformer:
 def randomise_routers(model: MoETransformer, granularity: int = 1, std: float = 3.0) -> None:
     """Any router weights (tied within each copy for granular upcycling), far from the small default init."""
     with torch.no_grad():
-        for layer in moe_layers_of(model):
+        for layer in moe_layers(model):
             e, d = layer.router.weight.shape
             layer.router.weight.copy_(upcycled_router_weight(e, d, granularity, std=std))
             if layer.expert_bias is not None:
@@ -138,7 +138,7 @@ def test_upcycle_copies_weights_and_leaves_the_dense_model_alone():
     before = {n: p.detach().clone() for n, p in dense.named_parameters()}
     moe = upcycle(dense, 4, 2, moe_every=2)
     assert [b.ffn.__class__.__name__ for b in moe.blocks] == ["FFN", "MoELayer", "FFN"]
-    for layer in moe_layers_of(moe):
+    for layer in moe_layers(moe):
         assert layer.experts.w1.data_ptr() != dense.blocks[1].ffn.experts.w1.data_ptr()
     train(moe, torch.randint(0, 256, (2000,)), steps=2, batch_size=2, seq_len=16, progress=False)
     for n, p in dense.named_parameters():
@@ -206,7 +206,7 @@ def test_router_weight_is_tied_within_copies():
 def test_experts_start_identical_and_diverge():
     dense = dense_model()
     moe = upcycle(dense, 4, 2, aux_coef=1e-2, router_std=0.5)
-    for layer in moe_layers_of(moe):
+    for layer in moe_layers(moe):
         assert expert_distance(layer.experts).abs().max() == 0 and mean_pairwise_distance(layer.experts) == 0
     log = DivergenceLog()
     history = train(moe, torch.randint(0, 256, (4000,)), steps=3, batch_size=4, seq_len=16, lr=1e-2,
@@ -215,7 +215,7 @@ def test_experts_start_identical_and_diverge():
     assert len(distances) == len(entropy) == 3 and all(len(row) == 3 for row in distances)
     assert all(d > 0 for d in distances[-1])
     assert all(0 < h <= math.log(4) + 1e-6 for h in entropy[-1])
-    d = expert_distance(moe_layers_of(moe)[0].experts)
+    d = expert_distance(moe_layers(moe)[0].experts)
     assert torch.allclose(d, d.T) and torch.all(d.diagonal() == 0)
 
 

@@ -1,19 +1,21 @@
-"""Command line of ``python -m moe_lab.bench``: one side-by-side run, a scaling sweep, or the GPU suite."""
+"""Command line of ``python -m moe_lab.bench``: one side-by-side run, a scaling sweep, the model-level rows, or
+the GPU suite."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from . import sweep
+from . import model, sweep
 from .core import DTYPES, IMPLEMENTATIONS, BenchConfig, format_table, machine_description, run_benchmark
 
 QUICK = {"tokens": 256, "d_model": 32, "d_ff": 64, "experts": 8, "k": 2, "warmup": 1, "repeats": 2}
-SWEEP_IMPLEMENTATIONS = ("dense", "sorted")
+SWEEP_IMPLEMENTATIONS = ("dense", "sorted", "hf_grouped_mm", "hf_eager")
 
 DESCRIPTION = """Time MoE implementations side by side: a dense FFN with the same active FLOPs, moe_lab's sorted
 fast path, its loop reference, GShard's one-hot dispatch, and Hugging Face's Mixtral block (eager and
@@ -49,6 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="vary one size at a time around the given sizes: " + str(sweep.AXES)
                         + " (with --quick: " + str(sweep.QUICK_AXES) + ")")
     p.add_argument("--plot", type=Path, default=None, help="with --sweep: save the ratio-to-dense plot here")
+    p.add_argument("--max-load", type=float, default=None,
+                   help="with --sweep: before each point wait (up to 10 minutes) for the 1-minute load average to "
+                        "fall to this (the sweep's own threads count: e.g. threads + 0.5); the table shows the load")
+    p.add_argument("--pin", action="store_true", help="pin the process to the first --threads CPUs (Linux)")
+    p.add_argument("--model", nargs="*", choices=tuple(model.MODEL_SIZES), default=None,
+                   help="the model-level rows: a training step of the MoE LM vs the dense LM with equal active "
+                        f"FLOPs through moe_lab.train, at these sizes (default: all of {tuple(model.MODEL_SIZES)}); "
+                        "--repeats sets the rounds")
+    p.add_argument("--clock", choices=tuple(model.CLOCKS), default="wall",
+                   help="with --model: time with the wall clock or the process's CPU time (one thread on a shared "
+                        "machine)")
     p.add_argument("--gpu-suite", action="store_true",
                    help="on a CUDA GPU: the CUDA tests, the benchmark at DeepSeekMoE-16B's expert size and a "
                         "profile, written to --out")
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             raise ValueError(f"threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.pin:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: torch.get_num_threads()])
     if args.plot is not None and not args.sweep:
         raise ValueError("--plot needs --sweep")
     if args.gpu_suite:
@@ -96,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         from .gpu import run_gpu_suite
 
         return run_gpu_suite(args.out)
+    if args.model is not None:
+        return _model_rows(args)
     cfg = config_from_args(args)
     if args.sweep:
         points = sweep.run_sweep(cfg, tuple(args.impl or SWEEP_IMPLEMENTATIONS),
-                                 sweep.QUICK_AXES if args.quick else sweep.AXES)
+                                 sweep.QUICK_AXES if args.quick else sweep.AXES, max_load=args.max_load)
         if args.json:
             for p in points:
                 for r in p.rows:
-                    print(json.dumps({"axis": p.axis, "value": p.value, **asdict(r)}))
+                    print(json.dumps({"axis": p.axis, "value": p.value, "load": p.load, **asdict(r)}))
         else:
             print(f"sweep around: {_header(cfg)}")
             print(sweep.format_sweep(points))
@@ -118,4 +135,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(_header(cfg))
     print(format_table(rows))
+    return 0
+
+
+def _model_rows(args: argparse.Namespace) -> int:
+    """``--model``: the model-level rows at each size (CPU, fp32, the current thread setting)."""
+    for size in args.model or model.MODEL_SIZES:
+        cfg = replace(model.MODEL_SIZES[size], rounds=args.repeats, seed=args.seed, clock=args.clock)
+        cfg = model.quick(cfg) if args.quick else cfg
+        load = os.getloadavg()[0]
+        rows = model.run_model_benchmark(cfg)
+        for r in rows:
+            if args.json:
+                print(json.dumps({"size": size, **asdict(r)}))
+        if not args.json:
+            print(f"\n{size}: {machine_description('cpu')}; fp32, {cfg.clock} clock, {cfg.steps} steps per round, "
+                  f"median of {cfg.rounds} rounds after one warm-up; load average {load:.2f} before, "
+                  f"{os.getloadavg()[0]:.2f} after")
+            print(model.format_model_table(rows))
     return 0

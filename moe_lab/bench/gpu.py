@@ -4,7 +4,9 @@
    ``tests/``);
 2. the benchmark at DeepSeekMoE-16B's routed-expert size in bf16 (:data:`GPU_SIZE`), every row, with the
    achieved expert TFLOP/s next to one plain bf16 GEMM of the dense FFN's first shape (the ceiling);
-3. a short profile of the ``sorted`` row (the CUDA kernels taking the most time).
+3. a short profile of the ``sorted`` row (the CUDA kernels taking the most time);
+4. the model-level rows (:mod:`moe_lab.bench.model`): a training step of the MoE LM against the dense LM with the
+   same active FLOPs through ``moe_lab.train``, at the capstone's size and 4x, on the GPU in fp32.
 
 Writes ``DIR/gpu_report.md`` (tables to paste into an issue) and ``DIR/gpu_report.json``; returns pytest's
 exit status. Sized for a few minutes on one H100 / H200.
@@ -15,11 +17,12 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from . import model
 from .core import DTYPES, BenchConfig, _sync, build, format_table, machine_description, run_benchmark
 
 GPU_SIZE = BenchConfig(tokens=16384, d_model=2048, d_ff=1408, experts=64, k=6, device="cuda", dtype="bf16",
@@ -72,8 +75,10 @@ def profile_sorted(cfg: BenchConfig, steps: int = 3, rows: int = 15) -> str:
                                      row_limit=rows, max_name_column_width=60)
 
 
-def run_gpu_suite(out: Path, cfg: BenchConfig = GPU_SIZE) -> int:
-    """Run the tests, the benchmark and the profile; write the report into ``out``; -> pytest's status."""
+def run_gpu_suite(out: Path, cfg: BenchConfig = GPU_SIZE,
+                  model_sizes: dict[str, model.ModelBenchConfig] = model.MODEL_SIZES) -> int:
+    """Run the tests, the benchmark, the profile and the model-level rows (``model_sizes``); write the report into
+    ``out``; -> pytest's status."""
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--gpu-suite needs a CUDA GPU (torch.cuda.is_available() is False)")
     out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +88,8 @@ def run_gpu_suite(out: Path, cfg: BenchConfig = GPU_SIZE) -> int:
     ceiling = gemm_tflops(cfg)
     table = format_table(rows)
     profile_text = profile_sorted(cfg)
+    model_rows = {size: model.run_model_benchmark(replace(m, device=cfg.device, rounds=3))
+                  for size, m in model_sizes.items()}
     header = (f"{machine_description(cfg.device)}; {cfg.dtype}, tokens={cfg.tokens}, d_model={cfg.d_model}, "
               f"d_ff={cfg.d_ff}, experts={cfg.experts}, k={cfg.k}, {cfg.activation}; median of {cfg.repeats} "
               f"after {cfg.warmup} warm-up")
@@ -92,10 +99,13 @@ def run_gpu_suite(out: Path, cfg: BenchConfig = GPU_SIZE) -> int:
         f"## Benchmark\n\n```\n{header}\n{table}\n```\n\nOne {cfg.dtype} GEMM [{cfg.tokens}, {cfg.d_model}] @ "
         f"[{cfg.d_model}, {cfg.k * cfg.d_ff}]: {ceiling:.3g} TFLOP/s (the ceiling for the TFLOP/s column).",
         f"## Profile of `sorted` (3 steps)\n\n```\n{profile_text}\n```",
+        "## Model-level rows (fp32, a training step through moe_lab.train; median of 3 rounds)\n\n" + "\n\n".join(
+            f"{size}:\n```\n{model.format_model_table(rows)}\n```" for size, rows in model_rows.items()),
     ])
     (out / "gpu_report.md").write_text(report + "\n")
     (out / "gpu_report.json").write_text(json.dumps({
         "machine": machine_description(cfg.device), "config": asdict(cfg), "tests_exit_status": status,
-        "rows": [asdict(r) for r in rows], "gemm_tflops": ceiling}, indent=1))
+        "rows": [asdict(r) for r in rows], "gemm_tflops": ceiling,
+        "model_rows": {size: [asdict(r) for r in rows] for size, rows in model_rows.items()}}, indent=1))
     print(report)
     return status

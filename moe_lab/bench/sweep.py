@@ -1,17 +1,28 @@
-"""Scaling sweep: the MoE rows' forward+backward time over the dense FFN's as tokens, experts and k grow.
+"""Scaling sweep: the MoE rows' forward+backward time over the dense FFN's as tokens, experts, k and the
+granularity grow.
 
 One axis at a time around a base config (the others held at the base), every point a full
-:func:`~moe_lab.bench.core.run_benchmark` (interleaved rows, medians). :func:`plot_sweep` draws one panel per
-axis with the ratio to dense; :func:`format_sweep` prints the same numbers.
+:func:`~moe_lab.bench.core.run_benchmark` (interleaved rows, medians). The ``granularity`` axis is DeepSeekMoE's
+fine-grained family at equal active FLOPs (:func:`moe_lab.config.fine_grained`): ``m`` splits each of the
+:data:`FINE_GRAINED_BASE` ``E = 16`` experts (top-1) of the base width into ``m`` experts of width ``d_ff / m``,
+top ``m``. Each point records the machine's load average before and after it (``os.getloadavg``), and with
+``max_load`` waits for the load to drop first: a timing taken while other processes share the cores is noise.
+:func:`plot_sweep` draws one panel per axis with the ratio to dense; :func:`format_sweep` prints the same numbers.
 """
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, replace
 
+from ..config import fine_grained
 from .core import BenchConfig, BenchRow, run_benchmark
 
-AXES = {"tokens": (1024, 2048, 4096, 8192, 16384, 32768), "experts": (8, 16, 32, 64, 128), "k": (1, 2, 4, 8)}
-QUICK_AXES = {"tokens": (64, 128), "experts": (4, 8), "k": (1, 2)}
+AXES = {"tokens": (1024, 2048, 4096, 8192, 16384, 32768), "experts": (8, 16, 32, 64, 128), "k": (1, 2, 4, 8),
+        "granularity": (1, 2, 4, 8)}
+QUICK_AXES = {"tokens": (64, 128), "experts": (4, 8), "k": (1, 2), "granularity": (1, 2)}
+FINE_GRAINED_BASE = {"experts": 16, "k": 1}
+"""Where the ``granularity`` axis starts (issue 26's family: ``m = 8`` is 128 experts of width ``d_ff / 8``, top-8)."""
 
 
 @dataclass
@@ -21,6 +32,8 @@ class SweepPoint:
     axis: str
     value: int
     rows: list[BenchRow]
+    load: tuple[float, float] = (0.0, 0.0)
+    """The 1-minute load average before and after the point."""
 
     def ratio(self, implementation: str) -> float | None:
         """Forward+backward time of ``implementation`` over the dense FFN's (None when either is missing)."""
@@ -39,19 +52,37 @@ def sweep_configs(base: BenchConfig, axes: dict[str, tuple[int, ...]] = AXES) ->
     points = []
     for axis, values in axes.items():
         for value in values:
-            cfg = replace(base, **{axis: value})
+            if axis == "granularity":
+                experts, k, d_ff = fine_grained(FINE_GRAINED_BASE["experts"], FINE_GRAINED_BASE["k"], base.d_ff, value)
+                cfg = replace(base, experts=experts, k=k, d_ff=d_ff)
+            else:
+                cfg = replace(base, **{axis: value})
             if cfg.k <= cfg.experts:
                 points.append((axis, value, cfg))
     return points
 
 
+def wait_for_load(max_load: float | None, timeout_s: float = 600.0, poll_s: float = 5.0) -> float:
+    """The 1-minute load average, after waiting (up to ``timeout_s``) for it to fall to ``max_load`` or below
+    (no wait when ``max_load`` is None)."""
+    deadline = time.monotonic() + timeout_s
+    while max_load is not None and os.getloadavg()[0] > max_load and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return os.getloadavg()[0]
+
+
 def run_sweep(base: BenchConfig, implementations: tuple[str, ...] = ("dense", "sorted"),
-              axes: dict[str, tuple[int, ...]] = AXES) -> list[SweepPoint]:
-    """Benchmark ``implementations`` (with ``"dense"``, the reference of every ratio) at every sweep point."""
+              axes: dict[str, tuple[int, ...]] = AXES, max_load: float | None = None) -> list[SweepPoint]:
+    """Benchmark ``implementations`` (with ``"dense"``, the reference of every ratio) at every sweep point,
+    each after :func:`wait_for_load` ``(max_load)``."""
     if "dense" not in implementations:
         implementations = ("dense", *implementations)
-    return [SweepPoint(axis, value, run_benchmark(cfg, implementations))
-            for axis, value, cfg in sweep_configs(base, axes)]
+    points = []
+    for axis, value, cfg in sweep_configs(base, axes):
+        before = wait_for_load(max_load)
+        rows = run_benchmark(cfg, implementations)
+        points.append(SweepPoint(axis, value, rows, (before, os.getloadavg()[0])))
+    return points
 
 
 def _implementations(points: list[SweepPoint]) -> list[str]:
@@ -61,16 +92,18 @@ def _implementations(points: list[SweepPoint]) -> list[str]:
 def format_sweep(points: list[SweepPoint]) -> str:
     """A plain-text table: per point the dense forward+backward ms and each row's ms and ratio to dense."""
     names = _implementations(points)
-    header = f"{'axis':<8} {'value':>6} {'dense ms':>10}" + "".join(f" {n + ' ms':>16} {'/dense':>7}" for n in names)
+    header = (f"{'axis':<11} {'value':>6} {'E':>4} {'k':>3} {'d_ff':>5} {'dense ms':>10}"
+              + "".join(f" {n + ' ms':>16} {'/dense':>7}" for n in names) + f" {'load':>11}")
     lines = [header, "-" * len(header)]
     for p in points:
         by_name = {r.implementation: r for r in p.rows}
-        dense = by_name["dense"].fwd_bwd_ms
-        line = f"{p.axis:<8} {p.value:>6} {dense:>10.2f}"
+        first = p.rows[0]
+        line = (f"{p.axis:<11} {p.value:>6} {first.experts:>4} {first.k:>3} {first.d_ff:>5} "
+                f"{by_name['dense'].fwd_bwd_ms:>10.2f}")
         for n in names:
             ms, ratio = by_name[n].fwd_bwd_ms, p.ratio(n)
             line += f" {ms:>16.2f} {ratio:>6.2f}x" if ms else f" {'skipped':>16} {'-':>7}"
-        lines.append(line)
+        lines.append(line + f" {p.load[0]:>5.2f}-{p.load[1]:<5.2f}")
     return "\n".join(lines)
 
 

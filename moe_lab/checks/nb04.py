@@ -228,7 +228,7 @@ def _experiment_variant(*, zero_grad=True, aux=True):
           reference=balancing_experiment,
           allow=("moe_lab.balancing.BalanceExperiment.__init__", "moe_lab.balancing.BalanceExperiment.batch",
                  "moe_lab.balancing.BalanceExperiment.evaluate", "moe_lab.balancing.one_thread",
-                 "moe_lab.layer.MoELayer.forward"),
+                 "moe_lab.layer.MoELayer.forward", "moe_lab.layer.RoutingInfo"),
           hint="one training step: the task loss plus alpha times the layer's aux loss, then the usual backward "
                "pass and optimizer update; the router's gradient from the aux loss is what pushes back",
           hints=("the layer returns (output, info) and info.aux_loss is the Switch loss N * sum f_i P_i; the task "

@@ -8,7 +8,7 @@ import random
 import torch
 
 from ..finetune import GROUPS
-from ..layer import MoELayer
+from ..layer import MoELayer, named_moe_layers
 from ..model import TOY_PRESETS, MoETransformer, toy_config
 from ..routing import sigmoid_topk, softmax_topk
 from ..upcycle import upcycle, upcycled_expert_weights, upcycled_router_weight
@@ -184,7 +184,7 @@ def _any_ffn_is_moe(names, moe_modules):
 def model_names(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """``(parameter names, names of the MoELayer modules)`` of ``model``: the inputs of 11.4."""
     return ([n for n, _ in model.named_parameters()],
-            [n for n, m in model.named_modules() if isinstance(m, MoELayer)])
+            list(named_moe_layers(model)))
 
 
 def _named_model(name: str, n_layers: int, **overrides) -> tuple[str, MoETransformer]:
