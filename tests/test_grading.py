@@ -673,30 +673,31 @@ def _as_notebook_code(fn, filename: str = "/tmp/ipykernel_1/2415.py"):
     return namespace[fn.__name__]
 
 
-SLOW_REFERENCES = ("04.5", "13.4", "13.5")  # training runs: their references call the library anyway
+SLOW_REFERENCES = ("04.5", "13.5")  # training runs: their references call the library anyway
 
 
 def _renamed_solution(ex: Exercise):
-    """The solution's function with every local variable renamed, unparsed (other spacing, no comments) and run as a
-    notebook cell of another name, next to the solution notebook's other functions."""
+    """The solution's function (or class: every method) with every local variable renamed, unparsed (other spacing,
+    no comments) and run as a notebook cell of another name, next to the solution notebook's other functions."""
     import ast
 
     import nbformat
 
     path = next((ROOT / "solutions").glob(f"{ex.id[:2]}_*.ipynb"))
     cell = next(c.source for c in nbformat.read(path, as_version=4).cells
-                if c.cell_type == "code" and f"def {ex.function}(" in c.source)
+                if c.cell_type == "code" and (f"def {ex.function}(" in c.source or f"class {ex.function}(" in c.source))
     tree = ast.parse(cell)
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == ex.function)
-    params = {a.arg for a in ast.walk(fn) if isinstance(a, ast.arg)}
-    local = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} - params
-    for node in ast.walk(fn):
-        if isinstance(node, ast.Name) and node.id in local:
-            node.id = f"my_{node.id}"
-        elif isinstance(node, ast.Nonlocal):
-            node.names = [f"my_{n}" if n in local else n for n in node.names]
+    top = next(n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == ex.function)
+    for fn in [top] if isinstance(top, ast.FunctionDef) else [n for n in top.body if isinstance(n, ast.FunctionDef)]:
+        params = {a.arg for a in ast.walk(fn) if isinstance(a, ast.arg)}
+        local = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} - params
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Name) and node.id in local:
+                node.id = f"my_{node.id}"
+            elif isinstance(node, ast.Nonlocal):
+                node.names = [f"my_{n}" if n in local else n for n in node.names]
     namespace = dict(_solutions(ex.id[:2]))
-    exec(compile(ast.unparse(fn), "/tmp/ipykernel_1/91.py", "exec"), namespace)
+    exec(compile(ast.unparse(top), "/tmp/ipykernel_1/91.py", "exec"), namespace)
     return namespace[ex.function]
 
 
