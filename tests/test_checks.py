@@ -84,6 +84,8 @@ def _same(a, b) -> bool:
 @pytest.mark.slow
 def test_hard_coded_visible_answers_fail_hidden_cases():
     for ex_id, ex in REGISTRY.items():
+        if ex.drive:  # the student writes a class that the checker builds and trains: no answer to memorise
+            continue
         seed_everything(0)
         visible = ex.cases(False)
         answers = [(case, ex.reference(*case.args, **case.kwargs)) for case in visible]
