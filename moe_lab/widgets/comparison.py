@@ -118,7 +118,7 @@ def comparison_dashboard(result: dict[str, Any], x: str = "steps") -> Comparison
     comparison_curves(result, x)  # validate early
     style = {"description_width": "initial"}
     controls = {
-        "x": widgets.Dropdown(options=[(label.split(" (")[0], key) for key, label in X_AXES.items()], value=x,
+        "x": widgets.Dropdown(options=[("steps", "steps"), ("FLOPs", "flops"), ("seconds", "seconds")], value=x,
                               description="x-axis", style=style),
         "seeds": widgets.Dropdown(options=[("all (mean, band)", "all")]
                                   + [(f"seed {s}", s) for s in result["setup"]["seeds"]],
