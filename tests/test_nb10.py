@@ -44,3 +44,92 @@ def test_no_hand_typed_statement_about_the_probability_error_remains():
     prose = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "absolute error of the probabilities" not in prose
     assert "ST-MoE (Sec. 2.4)" not in prose and "NaNGuard" in prose
+
+
+# ------------------------------------------------------------------ exercise 10.2: gradients by hand, no autograd
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from moe_lab.checks import REGISTRY, run_check  # noqa: E402
+
+
+def _by_autograd_grad(x, weight):
+    x, weight = x.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    loss = torch.logsumexp(x @ weight.T, dim=-1).square().mean()
+    grad_weight, grad_x = torch.autograd.grad(loss, (weight, x))
+    return loss.detach(), grad_weight, grad_x
+
+
+def _by_backward(x, weight):
+    x, weight = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = torch.logsumexp(F.linear(x, weight), dim=-1).pow(2).mean()
+    loss.backward()
+    return loss.detach(), weight.grad, x.grad
+
+
+def _by_torch_func(x, weight):
+    def z_loss(w, inputs):
+        return torch.logsumexp(inputs @ w.T, dim=-1).square().mean()
+    grad_weight, grad_x = torch.func.grad(z_loss, argnums=(0, 1))(weight, x)
+    return z_loss(weight, x), grad_weight, grad_x
+
+
+def _by_jacobian(x, weight):
+    def z_loss(w, inputs):
+        return torch.logsumexp(inputs @ w.T, dim=-1).square().mean()
+    grad_weight, grad_x = torch.autograd.functional.jacobian(z_loss, (weight, x))
+    return z_loss(weight, x), grad_weight, grad_x
+
+
+def _hooks_disabled(x, weight):
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks"):
+        return _by_autograd_grad(x, weight)
+
+
+def _hand_logsumexp(x, weight):
+    z = x @ weight.T
+    lse = torch.logsumexp(z, dim=-1)
+    g = 2 * lse.unsqueeze(-1) * torch.softmax(z, dim=-1) / z.shape[0]
+    return (lse**2).mean(), torch.einsum("te,td->ed", g, x), torch.einsum("te,ed->td", g, weight)
+
+
+def _hand_log_softmax(x, weight):
+    z = F.linear(x, weight)
+    lse = (z - F.log_softmax(z, dim=-1))[:, 0]
+    p = F.log_softmax(z, dim=-1).exp()
+    g = (2.0 / len(z)) * lse[:, None] * p
+    return torch.mean(lse * lse), g.t().mm(x), g.mm(weight)
+
+
+def _hand_float64(x, weight):
+    x64, w64 = x.double(), weight.double()
+    z = x64 @ w64.T
+    m = z.amax(dim=1, keepdim=True)
+    lse = (m + (z - m).exp().sum(dim=1, keepdim=True).log()).squeeze(1)
+    g = 2 * lse[:, None] * (z - lse[:, None]).exp() / z.shape[0]
+    return lse.square().mean().float(), (g.T @ x64).float(), (g @ w64).float()
+
+
+@pytest.mark.parametrize("answer", [_by_autograd_grad, _by_backward, _by_torch_func, _by_jacobian, _hooks_disabled])
+def test_an_autograd_answer_to_10_2_scores_zero(answer):
+    assert REGISTRY["10.2"].no_autograd
+    result = run_check("10.2", answer, hidden=True)
+    assert result.status == "failed" and result.points == 0, str(result)
+
+
+@pytest.mark.parametrize("answer", [_by_autograd_grad, _by_backward, _by_jacobian])
+def test_the_verdict_names_autograd(answer):
+    assert "autograd" in run_check("10.2", answer).message
+
+
+@pytest.mark.parametrize("answer", [_hand_logsumexp, _hand_log_softmax, _hand_float64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_natural_answers_by_hand_to_10_2_pass(answer, seed):
+    result = run_check("10.2", answer, hidden=True, seed=seed)
+    assert result.status == "passed" and result.points == 3, str(result)
+
+
+def test_autograd_stays_allowed_where_the_exercise_does_not_forbid_it():
+    assert not REGISTRY["10.3"].no_autograd  # 10.3's checker differentiates the student's output itself
