@@ -133,3 +133,33 @@ def test_natural_answers_by_hand_to_10_2_pass(answer, seed):
 
 def test_autograd_stays_allowed_where_the_exercise_does_not_forbid_it():
     assert not REGISTRY["10.3"].no_autograd  # 10.3's checker differentiates the student's output itself
+
+
+# ------------------------------------------------------------------------- section 4: remedies and their controls
+
+
+def _remedies_table(texts: list[str]) -> dict[str, dict]:
+    text = next(t for t in texts if "peak = highest training loss" in t)
+    lines = text.split("\n", 1)[1].split("\n\n", 1)[0].strip().splitlines()
+    columns = re.split(r"\s{2,}", lines[0].strip())
+    table = {}
+    for line in lines[2:]:
+        name, rest = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+        table[name] = dict(zip(columns, rest.split()))
+    return table
+
+
+def test_the_section_4_conclusions_are_what_the_table_shows():
+    texts = _outputs(nbformat.read(NB, as_version=4))
+    table = _remedies_table(texts)
+    assert {"baseline (unstable)", "control: dense FFNs", "control: lr 0.3 with warm-up"} <= set(table)
+    statement = " ".join(next(t for t in texts if t.startswith("What fixed the unstable run")).split())
+    for name, row in table.items():
+        if name != "baseline (unstable)":
+            assert f"spiked in {row['spiked']} seeds, validation loss {row['val loss']}" in statement, name
+    dense, warm = table["control: dense FFNs"]["spiked"], table["control: lr 0.3 with warm-up"]["spiked"]
+    n = dense.split("/")[1]
+    assert ("the instability is not the router's" in statement) == (dense == f"{n}/{n}")
+    assert ("warm-up removes the spike in every seed" in statement) == warm.startswith("0/")
+    base = table["baseline (unstable)"]
+    assert f"at most {float(base['max bf16 flips %']):.1f}% of a step's tokens" in statement
