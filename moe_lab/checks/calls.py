@@ -147,9 +147,31 @@ def _view(got, args: list) -> list[int] | None:
     return None
 
 
+AUTOGRAD_USED = "used autograd (it saved a tensor for a backward pass)"
+
+
+class _AutogradUse:
+    """Saved-tensor hooks for an exercise without autograd: autograd saves tensors for its backward pass of every
+    graph a function builds (``backward``, ``torch.autograd.grad`` and ``.functional`` do), so the first save is a
+    violation of ``guard``; ``torch.func``'s transforms refuse to run under these hooks, and
+    ``disable_saved_tensors_hooks`` raises while they are active."""
+
+    def __init__(self, guard):
+        self.guard = guard
+
+    def pack(self, tensor):
+        self.guard._violate(AUTOGRAD_USED)
+        return tensor
+
+
+def _unpack(tensor):
+    return tensor
+
+
 def run_case(fn, case: dict, guard) -> dict:
     """Call ``fn(*case["args"], **case["kwargs"])`` inside ``guard`` and record what happened (plain data):
     ``out``, and ``grads`` of ``sum(first output * case["weights"])`` w.r.t. the arguments ``case["grad_wrt"]``;
+    with ``case["no_autograd"]``, any use of autograd by ``fn`` is a violation (see :class:`_AutogradUse`);
     or ``not_implemented`` (a stub), ``raised`` (the exception), ``too_large``, ``grad_error``; with
     ``case["new_tensors"]``, ``view`` (see :func:`_view`)."""
     import torch
@@ -159,7 +181,11 @@ def run_case(fn, case: dict, guard) -> dict:
         args[i] = args[i].detach().requires_grad_(True)
     with guard:
         try:
-            got = fn(*args, **case["kwargs"])
+            if case.get("no_autograd"):
+                with torch.autograd.graph.saved_tensors_hooks(_AutogradUse(guard).pack, _unpack):
+                    got = fn(*args, **case["kwargs"])
+            else:
+                got = fn(*args, **case["kwargs"])
             rec["out"] = plain(got)
             if case.get("new_tensors"):
                 rec["view"] = _view(got, args)
