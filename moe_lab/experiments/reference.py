@@ -83,7 +83,7 @@ def deepseek_v3_balancing_claims(result: dict) -> dict[str, Claim]:
     (sigmoid against softmax scores, both unbalanced), each tuned method against the control, and the tuned
     aux-loss-free rate against the tuned aux loss (MaxVio and validation CE)."""
     gamma, alpha = tuned(result, "gamma"), tuned(result, "alpha")
-    none, soft = "the sigmoid router without balancing", "the same router with softmax scores, also unbalanced"
+    none, soft = "the sigmoid router without balancing", "the same router with softmax scores and no balancing either"
     g_name, a_name = f"aux-loss-free balancing (tuned: {gamma})", f"the aux loss (tuned: {alpha})"
     claims = {"sigmoid vs softmax: max_vio": compare(result, "none", "softmax, none", "max_vio", subject=none,
                                                       other=soft, digits=2)}
