@@ -377,6 +377,37 @@ def decode_weight_bytes(arch: Arch, batch: int = 1, bits: int = 16) -> float:
     return read * bits / 8
 
 
+def decode_step_bytes(arch: Arch, batch: int, context: int, bits: int = 16, kv_dtype: str = "bf16") -> dict[str, float]:
+    """Bytes one decode step reads for ``batch`` sequences with ``context`` cached tokens each: the weights
+    (:func:`decode_weight_bytes` at ``bits``) and every sequence's KV cache (:func:`kv_cache_bytes` in
+    ``kv_dtype``), and their ``"total"``."""
+    parts = {"weights": decode_weight_bytes(arch, batch, bits), "kv_cache": kv_cache_bytes(arch, context, batch, kv_dtype)}
+    parts["total"] = parts["weights"] + parts["kv_cache"]
+    return parts
+
+
+def ridge_batch(arch: Arch, context: int, ridge: float, bits: int = 16, kv_dtype: str = "bf16",
+                max_batch: int = 2 ** 24) -> int | None:
+    """Smallest decode batch whose arithmetic intensity, ``batch * flops_per_token(arch, context)`` over
+    :func:`decode_step_bytes` ``"total"``, reaches ``ridge`` FLOP per byte (a chip's peak FLOP/s over its
+    bandwidth); ``None`` if no batch up to ``max_batch`` does. The intensity grows with the batch (weights are
+    shared) but stays below ``flops_per_token / KV bytes per token``: the KV cache is read once per sequence."""
+    check_number("ridge", ridge, 0, low_open=True)
+    check_int("max_batch", max_batch, 1)
+    flops = flops_per_token(arch, context)
+
+    def reaches(batch: int) -> bool:
+        return batch * flops >= ridge * decode_step_bytes(arch, batch, context, bits, kv_dtype)["total"]
+
+    if not reaches(max_batch):
+        return None
+    low, high = 0, max_batch  # reaches(high), not reaches(low); the intensity grows with the batch
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if reaches(mid) else (mid, high)
+    return high
+
+
 _MLA = dict(attention="mla", n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64,
             v_head_dim=128)
 

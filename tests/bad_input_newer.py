@@ -14,7 +14,8 @@ import torch
 
 from moe_lab import FFN, MoEConfig, MoELayer
 from moe_lab.bias_balancing import BiasBalancer, simulate_bias_balancing
-from moe_lab.calculator import PRESETS, Arch, decode_weight_bytes, dense_counterpart, quantized_weight_bytes, weight_memory
+from moe_lab.calculator import (PRESETS, Arch, decode_step_bytes, decode_weight_bytes, dense_counterpart, quantized_weight_bytes,
+                                ridge_batch, weight_memory)
 from moe_lab.config import fine_grained
 from moe_lab.cost_model import (all_to_all_time, capacity_buffer_bytes, dispatch_bytes, ep_bytes_per_step,
                                 ep_step_time, fit_alpha_beta, moe_activation_bytes, rank_memory, rank_state_bytes)
@@ -666,6 +667,12 @@ def calculator_inference_cases() -> list[Case]:
               Case("decode_weight_bytes: batch 2.5", lambda: decode_weight_bytes(arch, 2.5), error="batch"),
               Case("decode_weight_bytes: bits 3", lambda: decode_weight_bytes(arch, 1, 3), error="bits"),
               Case("decode_weight_bytes: arch a dict", lambda: decode_weight_bytes({}, 1), error="arch"),
+              Case("decode_step_bytes: context -1", lambda: decode_step_bytes(arch, 1, -1), error="context"),
+              Case("decode_step_bytes: kv_dtype 'int8'", lambda: decode_step_bytes(arch, 1, 8, kv_dtype="int8"),
+                   error="dtype"),
+              Case("ridge_batch: ridge 0", lambda: ridge_batch(arch, 8, 0), error="ridge"),
+              Case("ridge_batch: ridge '300'", lambda: ridge_batch(arch, 8, "300"), error="ridge"),
+              Case("ridge_batch: max_batch 0", lambda: ridge_batch(arch, 8, 10.0, max_batch=0), error="max_batch"),
               Case("dense_counterpart: arch None", lambda: dense_counterpart(None), error="arch")]
     return cases
 

@@ -249,3 +249,39 @@ def test_calculator_memory_and_decode_bytes():
         decode_weight_bytes(mixtral, 0)
     with pytest.raises(ValueError, match="bits keys"):
         weight_memory(mixtral, {"experts": 4})
+
+
+def test_decode_step_bytes_adds_the_kv_cache_by_hand():
+    from moe_lab.calculator import decode_step_bytes
+    mixtral = PRESETS["mixtral_8x7b"]
+    # by hand: 32 layers x (keys + values) x 8 kv heads x 128 dims x 2 bytes = 131072 bytes per token and sequence
+    step = decode_step_bytes(mixtral, 512, 1024)
+    assert step["kv_cache"] == 32 * 2 * 8 * 128 * 2 * 1024 * 512 == 68_719_476_736
+    assert step["weights"] == decode_weight_bytes(mixtral, 512)
+    assert step["total"] == step["weights"] + step["kv_cache"]
+    assert decode_step_bytes(mixtral, 1, 0)["kv_cache"] == 0
+    assert decode_step_bytes(mixtral, 2, 10, kv_dtype="fp32")["kv_cache"] == 32 * 2 * 8 * 128 * 4 * 10 * 2
+
+
+def test_ridge_batch_against_a_scan_and_the_kv_limit():
+    from moe_lab.calculator import decode_step_bytes, flops_per_token, ridge_batch
+    mixtral = PRESETS["mixtral_8x7b"]
+
+    def scan(context, ridge):  # the slow obvious reference: the first batch whose intensity reaches the ridge
+        for b in range(1, 20000):
+            if b * flops_per_token(mixtral, context) / decode_step_bytes(mixtral, b, context)["total"] >= ridge:
+                return b
+        return None
+
+    for context, ridge in ((0, 50.0), (0, 299.0), (256, 100.0), (1024, 150.0)):
+        assert ridge_batch(mixtral, context, ridge) == scan(context, ridge), (context, ridge)
+    # with the cache the intensity stays below FLOPs per token / KV bytes per token (about 194 at context 1024)
+    limit = flops_per_token(mixtral, 1024) / (32 * 2 * 8 * 128 * 2 * 1024)
+    assert 190 < limit < 200
+    assert ridge_batch(mixtral, 1024, 299.0) is None
+    assert ridge_batch(mixtral, 1024, limit * 0.99) is not None
+    for bad, name in ((dict(ridge=0.0), "ridge"), (dict(ridge=float("nan")), "ridge"), (dict(max_batch=0), "max_batch"),
+                      (dict(context=-1), "context"), (dict(kv_dtype="int8"), "dtype")):
+        args = {"context": 16, "ridge": 10.0, **bad}
+        with pytest.raises(ValueError, match=name):
+            ridge_batch(mixtral, **args)

@@ -188,10 +188,32 @@ DRIVERS = {"train_block": train_block}
 driver(class, *case args)``, whose result is compared with the reference's."""
 
 
+AUTOGRAD_USED = "used autograd (it saved a tensor for a backward pass)"
+
+
+class _AutogradUse:
+    """Saved-tensor hooks for an exercise without autograd: autograd saves tensors for its backward pass of every
+    graph a function builds (``backward``, ``torch.autograd.grad`` and ``.functional`` do), so the first save is a
+    violation of ``guard``; ``torch.func``'s transforms refuse to run under these hooks, and
+    ``disable_saved_tensors_hooks`` raises while they are active."""
+
+    def __init__(self, guard):
+        self.guard = guard
+
+    def pack(self, tensor):
+        self.guard._violate(AUTOGRAD_USED)
+        return tensor
+
+
+def _unpack(tensor):
+    return tensor
+
+
 def run_case(fn, case: dict, guard) -> dict:
     """Call ``fn(*case["args"], **case["kwargs"])`` (or, with ``case["drive"]``, that driver of
     :data:`DRIVERS` on ``fn`` and the arguments) inside ``guard`` and record what happened (plain data):
     ``out``, and ``grads`` of ``sum(first output * case["weights"])`` w.r.t. the arguments ``case["grad_wrt"]``;
+    with ``case["no_autograd"]``, any use of autograd by ``fn`` is a violation (see :class:`_AutogradUse`);
     or ``not_implemented`` (a stub), ``raised`` (the exception), ``too_large``, ``grad_error``; with
     ``case["new_tensors"]``, ``view`` (see :func:`_view`)."""
     import torch
@@ -202,7 +224,15 @@ def run_case(fn, case: dict, guard) -> dict:
     with guard:
         try:
             drive = DRIVERS[case["drive"]] if case.get("drive") else None
-            got = drive(fn, *args, **case["kwargs"]) if drive else fn(*args, **case["kwargs"])
+
+            def call():
+                return drive(fn, *args, **case["kwargs"]) if drive else fn(*args, **case["kwargs"])
+
+            if case.get("no_autograd"):
+                with torch.autograd.graph.saved_tensors_hooks(_AutogradUse(guard).pack, _unpack):
+                    got = call()
+            else:
+                got = call()
             rec["out"] = plain(got)
             if case.get("new_tensors"):
                 rec["view"] = _view(got, args)

@@ -62,6 +62,8 @@ class Exercise:
       (``"moe_lab.routing.softmax_topk"``, ``"moe_lab.layer.MoELayer.forward"``) or prefixes of them (a module
       ``"moe_lab.balancing"`` or a class ``"moe_lab.layer.MoELayer"``); whatever such code calls in turn is
       allowed too. Any other call into ``moe_lab`` while the function runs scores 0.
+    - ``no_autograd``: the function may not use autograd (an exercise that asks for gradients by hand): a graph
+      it builds and differentiates while it runs scores 0. Cases with ``grad_wrt`` cannot be combined with it.
     """
 
     id: str
@@ -78,6 +80,7 @@ class Exercise:
     atol: float = 1e-6
     new_tensors: bool = False
     drive: str | None = None
+    no_autograd: bool = False
 
     def __post_init__(self):
         self.hints, self.allow = tuple(self.hints), tuple(self.allow)
@@ -123,8 +126,8 @@ REGISTRY: dict[str, Exercise] = {}
 def exercise(id: str, *, function: str, title: str, points: int, reference: Callable, hint: str, **options):
     """Decorator registering a case builder ``cases(hidden: bool) -> list[Case]`` as exercise ``id``.
 
-    ``options``: ``hints``, ``mistakes``, ``allow``, ``rtol``, ``atol``, ``new_tensors``, ``drive`` (see
-    :class:`Exercise`)."""
+    ``options``: ``hints``, ``mistakes``, ``allow``, ``rtol``, ``atol``, ``new_tensors``, ``no_autograd``, ``drive``
+    (see :class:`Exercise`)."""
 
     def register(cases: Callable[[bool], list[Case]]) -> Callable[[bool], list[Case]]:
         if id in REGISTRY:
@@ -364,7 +367,7 @@ def case_input(item: GradedCase) -> dict:
     """What :func:`moe_lab.checks.calls.run_case` takes: fresh copies of the case's inputs and its cotangent."""
     return {"args": [_fresh(a) for a in item.case.args], "kwargs": _fresh(item.case.kwargs),
             "grad_wrt": list(item.case.grad_wrt), "weights": item.ref.weights, "new_tensors": item.ex.new_tensors,
-            "drive": item.ex.drive}
+            "no_autograd": item.ex.no_autograd, "drive": item.ex.drive}
 
 
 # --------------------------------------------------------------------------------------------- judging
@@ -438,6 +441,9 @@ def integrity_message(ex: Exercise, violation: str | None, tamper: str | None) -
     if tamper:
         return (f"the integrity check was interfered with while {ex.function} ran ({tamper}); {RULE} "
                 f"({allowed})")
+    if violation == calls.AUTOGRAD_USED:
+        return (f"{ex.function} {violation} while being graded; this exercise asks for the gradients by hand, "
+                "so autograd (backward, torch.autograd.grad, torch.func) may not compute them")
     if violation.startswith("started a process"):
         return (f"{ex.function} {violation} while being graded; a graded function may not start processes "
                 "(they run outside the integrity check)")

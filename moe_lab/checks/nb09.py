@@ -119,20 +119,20 @@ def _cache_cases(hidden: bool) -> list[Case]:
         bias = torch.linspace(skew, 0, e)
         return [sorted((torch.randn(e) + bias).topk(k).indices.tolist()) for _ in range(n_steps)]
 
-    cases = [Case("LRU, E=4, C=2", ([[0, 1], [0, 2], [1, 2], [3, 0], [0, 1]], 4, 2, "lru")),
-             Case("LFU, E=4, C=2", ([[0], [0], [0], [1], [2], [0], [1, 3]], 4, 2, "lfu")),
+    cases = [Case("LRU, E=4, S=2", ([[0, 1], [0, 2], [1, 2], [3, 0], [0, 1]], 4, 2, "lru")),
+             Case("LFU, E=4, S=2", ([[0], [0], [0], [1], [2], [0], [1, 3]], 4, 2, "lfu")),
              Case("LFU, a tie", ([[2], [1], [0], [1]], 4, 2, "lfu")),
-             Case("LRU, E=8, C=3, routed", (routed(30, 8, 2, 1.5), 8, 3, "lru")),
-             Case("LFU, E=8, C=3, routed", (routed(30, 8, 2, 1.5), 8, 3, "lfu"))]
+             Case("LRU, E=8, S=3, routed", (routed(30, 8, 2, 1.5), 8, 3, "lru")),
+             Case("LFU, E=8, S=3, routed", (routed(30, 8, 2, 1.5), 8, 3, "lfu"))]
     if hidden:
         cases += [Case("LFU, a step larger than the cache", ([[0, 1], [1, 5], [0, 1, 5], [1, 3]], 8, 2, "lfu")),
-                  Case("LRU, C=1", ([[2], [2, 3], [3], [1, 2]], 4, 1, "lru")),
-                  Case("LFU, C=E", (routed(20, 6, 2, 1.0), 6, 6, "lfu")),
+                  Case("LRU, S=1", ([[2], [2, 3], [3], [1, 2]], 4, 1, "lru")),
+                  Case("LFU, S=E", (routed(20, 6, 2, 1.0), 6, 6, "lfu")),
                   Case("LFU, ties", ([[0, 1], [2, 3], [0, 2], [1, 4], [3, 4], [0, 5]], 6, 3, "lfu")),
                   Case("LRU, no steps", ([], 4, 2, "lru")),
-                  Case("LRU, E=16, C=5, routed", (routed(60, 16, 4, 2.0), 16, 5, "lru")),
-                  Case("LFU, E=16, C=5, routed", (routed(60, 16, 4, 2.0), 16, 5, "lfu")),
-                  Case("LFU, E=8, C=2, random", ([random.sample(range(8), random.randint(1, 3))
+                  Case("LRU, E=16, S=5, routed", (routed(60, 16, 4, 2.0), 16, 5, "lru")),
+                  Case("LFU, E=16, S=5, routed", (routed(60, 16, 4, 2.0), 16, 5, "lfu")),
+                  Case("LFU, E=8, S=2, random", ([random.sample(range(8), random.randint(1, 3))
                                                   for _ in range(40)], 8, 2, "lfu"))]
     return cases
 

@@ -54,11 +54,12 @@ def _spacing_cases(hidden: bool) -> list[Case]:
 
 
 def z_loss_and_grads(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference for 10.2: ``L = mean_t logsumexp(x_t W^T)^2`` and, by autograd, ``dL/dW`` and ``dL/dx``."""
-    x, weight = x.detach().requires_grad_(True), weight.detach().requires_grad_(True)
-    loss = router_z_loss(F.linear(x, weight))
-    grad_weight, grad_x = torch.autograd.grad(loss, (weight, x))
-    return loss.detach(), grad_weight, grad_x
+    """Reference for 10.2: ``L = mean_t logsumexp(x_t W^T)^2`` and, by autograd, ``dL/dW`` and ``dL/dx``; computed
+    in float64 and returned in the inputs' dtype, so an answer more accurate than float32 is not penalised."""
+    x64, w64 = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    loss = router_z_loss(F.linear(x64, w64))
+    grad_weight, grad_x = torch.autograd.grad(loss, (w64, x64))
+    return loss.detach().to(x.dtype), grad_weight.to(weight.dtype), grad_x.to(x.dtype)
 
 
 def _z_grads_from(dlogits):
@@ -72,7 +73,7 @@ def _z_grads_from(dlogits):
 
 
 @exercise("10.2", function="z_loss_and_grads", title="The z-loss and its gradient by hand", points=3,
-          reference=z_loss_and_grads, rtol=1e-4, atol=1e-6,
+          reference=z_loss_and_grads, rtol=1e-4, atol=1e-6, no_autograd=True,
           hint="per token, d lse(z)^2 / dz_j = 2 * lse(z) * softmax(z)_j; the mean over T tokens divides by T; "
                "then the chain rule through z = x W^T",
           hints=("logits z = x @ W.T is [T, E]; G = dL/dz is [T, E]; dL/dW = G^T x is [E, d] and dL/dx = G W is "

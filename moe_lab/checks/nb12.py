@@ -77,6 +77,12 @@ def _selection_without_bias(logits, bias, k, routed_scaling_factor):
     return sigmoid_gating(logits, torch.zeros_like(bias), k, routed_scaling_factor)
 
 
+def _normalised_at_k1(logits, bias, k, routed_scaling_factor):
+    _, gates, experts = sigmoid_topk(logits, k, bias=bias, routed_scaling_factor=routed_scaling_factor,
+                                     renormalize_single=True)
+    return gates, experts
+
+
 def _softmax_instead_of_sigmoid(logits, bias, k, routed_scaling_factor):
     probs = logits.float().softmax(-1)
     experts = (probs + bias).topk(k, dim=-1).indices
@@ -89,12 +95,15 @@ def _softmax_instead_of_sigmoid(logits, bias, k, routed_scaling_factor):
           hint="the bias decides WHICH experts a token uses, never HOW MUCH: select with sigmoid scores + bias, "
                "weigh with the unbiased sigmoid scores",
           hints=("s = sigmoid(logits) in float32; experts = top-k of (s + bias); gates = s of those experts",
-                 "with k > 1 divide the gates by their sum (not at k = 1: the gate would always be 1), then "
-                 "multiply by routed_scaling_factor"),
+                 "with k > 1 divide the gates by their sum, then multiply by routed_scaling_factor; at k = 1 keep "
+                 "s (this course's convention: a normalised single gate is always 1 and the router gets no "
+                 "gradient through it; DeepSeek-V3's official Gate normalises at every k)"),
           mistakes={"the gates come from the biased scores s + b (vLLM #12002)": _gates_from_biased_scores,
                     "the gates are not normalised over the selected experts": _gates_not_normalized,
                     "the bias was not used to select the experts": _selection_without_bias,
-                    "softmax instead of sigmoid scores": _softmax_instead_of_sigmoid})
+                    "softmax instead of sigmoid scores": _softmax_instead_of_sigmoid,
+                    "the single gate is normalised at k = 1 (DeepSeek-V3's official Gate does that; this exercise "
+                    "keeps s at k = 1, the course's convention)": _normalised_at_k1})
 def _sigmoid_cases(hidden: bool) -> list[Case]:
     configs = [(6, 8, 2, 1.0, 0.1), (5, 4, 1, 2.5, 0.5)]
     if hidden:
