@@ -84,6 +84,8 @@ def _same(a, b) -> bool:
 @pytest.mark.slow
 def test_hard_coded_visible_answers_fail_hidden_cases():
     for ex_id, ex in REGISTRY.items():
+        if ex.drive:  # the student writes a class that the checker builds and trains: no answer to memorise
+            continue
         seed_everything(0)
         visible = ex.cases(False)
         answers = [(case, ex.reference(*case.args, **case.kwargs)) for case in visible]
@@ -438,7 +440,7 @@ def test_copies_must_be_new_tensors():
 
 def test_the_checker_and_the_grader_use_the_notebooks_visible_cases():
     for ex in REGISTRY.values():
-        if ex.id in ("04.5", "13.4", "13.5"):
+        if ex.id in ("04.5", "13.5"):
             continue  # slow references; the rule is in exercise_cases, the same for every exercise
         visible = [c.name for c, hidden in __import__("moe_lab.checks.core", fromlist=["_"]).exercise_cases(ex, 99, True)
                    if not hidden]

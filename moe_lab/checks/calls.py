@@ -147,6 +147,47 @@ def _view(got, args: list) -> list[int] | None:
     return None
 
 
+def train_block(block_class, x, target, router_weight, w1, w2, k: int, aux_coef: float, lr: float, steps: int):
+    """The checker's own use of a student's MoE block class (exercise 13.5): build
+    ``block_class(router_weight, w1, w2, k)``, check that it is an ``nn.Module`` whose registered parameters are
+    exactly three, of the shapes of ``router_weight [E, d]``, ``w1 [E, d, d_ff]`` and ``w2 [E, d_ff, d]``, train it
+    with ``torch.optim.SGD(lr)`` on ``mse(y, target) + aux_coef * aux`` (``y, aux = block(x)``) for ``steps`` steps.
+    Returns ``(losses [steps]`` (each step's loss before its update), ``the router weight [E, d]`` and
+    ``block(x)[0] [T, d]`` after training)."""
+    import torch
+    import torch.nn.functional as F
+
+    block = block_class(router_weight, w1, w2, k)
+    if not isinstance(block, torch.nn.Module):
+        raise TypeError(f"{_name(block_class)}(...) must build a torch.nn.Module, got {_name(type(block))}")
+    params = list(block.parameters())
+    shapes = sorted(tuple(p.shape) for p in params)
+    expected = sorted(tuple(t.shape) for t in (router_weight, w1, w2))
+    if shapes != expected:
+        raise ValueError(f"the block must register its weights as parameters (nn.Parameter), three of shapes "
+                         f"{expected} (router_weight, w1, w2), got {len(shapes)} of shapes {shapes}")
+    router = next(p for p in params if p.dim() == 2)
+    opt = torch.optim.SGD(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = block(x)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"forward must return (y, aux), got {_name(type(out))}")
+        loss = F.mse_loss(out[0], target) + aux_coef * out[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        y = block(x)[0]
+    return torch.tensor(losses), router.detach().clone(), y.detach().clone()
+
+
+DRIVERS = {"train_block": train_block}
+"""How the checker uses a student's class instead of calling a function (``Exercise.drive``): ``name:
+driver(class, *case args)``, whose result is compared with the reference's."""
+
+
 AUTOGRAD_USED = "used autograd (it saved a tensor for a backward pass)"
 
 
@@ -169,7 +210,8 @@ def _unpack(tensor):
 
 
 def run_case(fn, case: dict, guard) -> dict:
-    """Call ``fn(*case["args"], **case["kwargs"])`` inside ``guard`` and record what happened (plain data):
+    """Call ``fn(*case["args"], **case["kwargs"])`` (or, with ``case["drive"]``, that driver of
+    :data:`DRIVERS` on ``fn`` and the arguments) inside ``guard`` and record what happened (plain data):
     ``out``, and ``grads`` of ``sum(first output * case["weights"])`` w.r.t. the arguments ``case["grad_wrt"]``;
     with ``case["no_autograd"]``, any use of autograd by ``fn`` is a violation (see :class:`_AutogradUse`);
     or ``not_implemented`` (a stub), ``raised`` (the exception), ``too_large``, ``grad_error``; with
@@ -181,11 +223,16 @@ def run_case(fn, case: dict, guard) -> dict:
         args[i] = args[i].detach().requires_grad_(True)
     with guard:
         try:
+            drive = DRIVERS[case["drive"]] if case.get("drive") else None
+
+            def call():
+                return drive(fn, *args, **case["kwargs"]) if drive else fn(*args, **case["kwargs"])
+
             if case.get("no_autograd"):
                 with torch.autograd.graph.saved_tensors_hooks(_AutogradUse(guard).pack, _unpack):
-                    got = fn(*args, **case["kwargs"])
+                    got = call()
             else:
-                got = fn(*args, **case["kwargs"])
+                got = call()
             rec["out"] = plain(got)
             if case.get("new_tensors"):
                 rec["view"] = _view(got, args)

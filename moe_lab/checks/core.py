@@ -55,6 +55,9 @@ class Exercise:
       student's result on a failing case matches one (the checker's tolerances), the verdict says
       "this looks like <description>".
     - ``new_tensors``: the outputs must be tensors of their own (not views of the inputs, nor ``expand``-ed).
+    - ``drive``: the student writes a class, not a function: the checker builds and uses it with this driver of
+      :data:`moe_lab.checks.calls.DRIVERS` (e.g. ``"train_block"``: its own training loop) and compares what that
+      returns with ``reference`` (a function of the case's arguments).
     - ``allow``: the ``moe_lab`` code the student's function may call, as qualified names
       (``"moe_lab.routing.softmax_topk"``, ``"moe_lab.layer.MoELayer.forward"``) or prefixes of them (a module
       ``"moe_lab.balancing"`` or a class ``"moe_lab.layer.MoELayer"``); whatever such code calls in turn is
@@ -76,6 +79,7 @@ class Exercise:
     rtol: float = 1e-5
     atol: float = 1e-6
     new_tensors: bool = False
+    drive: str | None = None
     no_autograd: bool = False
 
     def __post_init__(self):
@@ -122,8 +126,8 @@ REGISTRY: dict[str, Exercise] = {}
 def exercise(id: str, *, function: str, title: str, points: int, reference: Callable, hint: str, **options):
     """Decorator registering a case builder ``cases(hidden: bool) -> list[Case]`` as exercise ``id``.
 
-    ``options``: ``hints``, ``mistakes``, ``allow``, ``rtol``, ``atol``, ``new_tensors``, ``no_autograd`` (see
-    :class:`Exercise`)."""
+    ``options``: ``hints``, ``mistakes``, ``allow``, ``rtol``, ``atol``, ``new_tensors``, ``no_autograd``, ``drive``
+    (see :class:`Exercise`)."""
 
     def register(cases: Callable[[bool], list[Case]]) -> Callable[[bool], list[Case]]:
         if id in REGISTRY:
@@ -363,7 +367,7 @@ def case_input(item: GradedCase) -> dict:
     """What :func:`moe_lab.checks.calls.run_case` takes: fresh copies of the case's inputs and its cotangent."""
     return {"args": [_fresh(a) for a in item.case.args], "kwargs": _fresh(item.case.kwargs),
             "grad_wrt": list(item.case.grad_wrt), "weights": item.ref.weights, "new_tensors": item.ex.new_tensors,
-            "no_autograd": item.ex.no_autograd}
+            "no_autograd": item.ex.no_autograd, "drive": item.ex.drive}
 
 
 # --------------------------------------------------------------------------------------------- judging

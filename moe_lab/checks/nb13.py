@@ -8,10 +8,12 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data import stdlib_corpus
 from ..layer import MoELayer
 from ..specialisation import TOKEN_CLASSES, class_expert_counts, class_expert_stats, router_saturation, token_classes
+from .calls import train_block
 from .core import Case, exercise
 
 # ---------------------------------------------------------------------------------------------------------- 13.1
@@ -165,134 +167,136 @@ def _sat_cases(hidden: bool) -> list[Case]:
 # ---------------------------------------------------------------------------------------------------------- 13.4
 
 
-def _loss_within(losses: torch.Tensor, flops_per_step: int, budget: int) -> torch.Tensor:
-    """``[S]`` loss of each seed after the last step that fits in ``budget`` FLOPs."""
-    return losses[:, budget // flops_per_step - 1]
+def budget_matched_comparison(budget: int, moe_flops_per_step: int, dense_flops_per_step: int,
+                              moe_final: torch.Tensor, dense_final: torch.Tensor) -> tuple[int, int, float, float, int]:
+    """Reference for 13.4: ``(moe steps, dense steps, mean, sd, agree)``. Each model gets the most whole steps
+    within ``budget`` training FLOPs (``budget // flops_per_step``; its schedule ends there); ``moe_final``,
+    ``dense_final: [seeds]`` are the final losses of those runs, paired by seed; ``mean`` and ``sd`` (sample, n - 1;
+    0.0 for one seed) of the per-seed differences ``moe - dense``; ``agree``: seeds whose difference has the sign of
+    the mean."""
+    for name, flops in (("moe_flops_per_step", moe_flops_per_step), ("dense_flops_per_step", dense_flops_per_step)):
+        if flops < 1 or budget < flops:
+            raise ValueError(f"{name} must be >= 1 and at most budget={budget}, got {flops}")
+    if moe_final.dim() != 1 or moe_final.shape != dense_final.shape or not len(moe_final):
+        raise ValueError("moe_final and dense_final must be [seeds] tensors of the same length >= 1")
+    diff = (moe_final - dense_final).double()
+    mean = float(diff.mean())
+    sd = float(diff.std()) if len(diff) > 1 else 0.0
+    agree = int((diff * (1 if mean > 0 else -1) > 0).sum())
+    return budget // moe_flops_per_step, budget // dense_flops_per_step, mean, sd, agree
 
 
-def _std(values: torch.Tensor) -> float:
-    return float(values.std()) if len(values) > 1 else 0.0
+def _rounded_up(budget, moe_flops_per_step, dense_flops_per_step, moe_final, dense_final):
+    """Mistake: steps rounded up (the schedule runs past the budget)."""
+    _, _, *rest = budget_matched_comparison(budget, moe_flops_per_step, dense_flops_per_step, moe_final, dense_final)
+    return (-(-budget // moe_flops_per_step), -(-budget // dense_flops_per_step), *rest)
 
 
-def moe_vs_dense_at_equal_flops(moe_losses: torch.Tensor, moe_flops_per_step: int, dense_losses: torch.Tensor,
-                                dense_flops_per_step: int) -> tuple[int, float, float, float, float]:
-    """Reference for 13.4: ``(budget, moe mean, moe std, dense mean, dense std)`` of the loss at the largest FLOP
-    budget both runs reached. losses: ``[seeds, steps]`` (loss after each step); std over seeds (n - 1; 0 for
-    one seed)."""
-    for name, losses, flops in (("moe", moe_losses, moe_flops_per_step), ("dense", dense_losses, dense_flops_per_step)):
-        if losses.dim() != 2 or losses.shape[1] == 0 or flops < 1:
-            raise ValueError(f"{name}_losses must be [seeds, steps >= 1] and {name}_flops_per_step >= 1")
-    budget = min(moe_losses.shape[1] * moe_flops_per_step, dense_losses.shape[1] * dense_flops_per_step)
-    moe = _loss_within(moe_losses, moe_flops_per_step, budget)
-    dense = _loss_within(dense_losses, dense_flops_per_step, budget)
-    return budget, float(moe.mean()), _std(moe), float(dense.mean()), _std(dense)
-
-
-def _same_step(moe_losses, moe_flops_per_step, dense_losses, dense_flops_per_step):
-    """Mistake: compared at the same number of steps instead of the same FLOPs."""
-    budget = min(moe_losses.shape[1] * moe_flops_per_step, dense_losses.shape[1] * dense_flops_per_step)
-    step = min(moe_losses.shape[1], dense_losses.shape[1]) - 1
-    moe, dense = moe_losses[:, step], dense_losses[:, step]
-    return budget, float(moe.mean()), _std(moe), float(dense.mean()), _std(dense)
-
-
-def _off_by_one(moe_losses, moe_flops_per_step, dense_losses, dense_flops_per_step):
-    """Mistake: the loss one step after the budget ran out."""
-    budget = min(moe_losses.shape[1] * moe_flops_per_step, dense_losses.shape[1] * dense_flops_per_step)
-    out = [budget]
-    for losses, flops in ((moe_losses, moe_flops_per_step), (dense_losses, dense_flops_per_step)):
-        v = losses[:, min(budget // flops, losses.shape[1] - 1)]
-        out += [float(v.mean()), _std(v)]
-    return tuple(out)
-
-
-def _population_std(moe_losses, moe_flops_per_step, dense_losses, dense_flops_per_step):
+def _population_sd(budget, moe_flops_per_step, dense_flops_per_step, moe_final, dense_final):
     """Mistake: population standard deviation (n) instead of the sample one (n - 1)."""
-    budget, *_ = moe_vs_dense_at_equal_flops(moe_losses, moe_flops_per_step, dense_losses, dense_flops_per_step)
-    out = [budget]
-    for losses, flops in ((moe_losses, moe_flops_per_step), (dense_losses, dense_flops_per_step)):
-        v = _loss_within(losses, flops, budget)
-        out += [float(v.mean()), float(v.std(correction=0))]
+    out = list(budget_matched_comparison(budget, moe_flops_per_step, dense_flops_per_step, moe_final, dense_final))
+    out[3] = float((moe_final - dense_final).double().std(correction=0))
     return tuple(out)
 
 
-def _curves(seeds: int, steps: int, floor: float) -> torch.Tensor:
-    t = torch.arange(1, steps + 1, dtype=torch.float32)
-    return floor + 3.0 / t.sqrt() + 0.05 * torch.randn(seeds, steps)
+def _other_way(budget, moe_flops_per_step, dense_flops_per_step, moe_final, dense_final):
+    """Mistake: the difference taken the other way (dense - moe)."""
+    out = list(budget_matched_comparison(budget, moe_flops_per_step, dense_flops_per_step, moe_final, dense_final))
+    out[2] = -out[2]
+    return tuple(out)
 
 
-@exercise("13.4", function="moe_vs_dense_at_equal_flops", title="MoE vs dense at equal FLOPs", points=2,
-          reference=moe_vs_dense_at_equal_flops,
-          hint="the budget is the smaller of the two runs' total FLOPs (steps x FLOPs per step); each run has done "
-               "budget // flops_per_step steps within it, so read its loss after that many steps (column index "
-               "one less), then the mean and the sample standard deviation over seeds (0 for a single seed)",
-          hints=("losses[:, n - 1] is every seed's loss after n steps; use integer division so the step count is "
-                 "exact",),
-          mistakes={"compared at the same step instead of the same FLOPs": _same_step,
-                    "off by one: the loss one step after the budget": _off_by_one,
-                    "population standard deviation (n) instead of the sample one (n - 1)": _population_std})
-def _flops_cases(hidden: bool) -> list[Case]:
-    configs = [(3, 60, 900, 60, 1000), (3, 40, 500, 80, 200)]  # seeds, MoE steps, MoE FLOPs/step, dense ...
+def _moe_wins(budget, moe_flops_per_step, dense_flops_per_step, moe_final, dense_final):
+    """Mistake: seeds where the MoE is lower counted, whatever the sign of the mean."""
+    out = list(budget_matched_comparison(budget, moe_flops_per_step, dense_flops_per_step, moe_final, dense_final))
+    out[4] = int((moe_final < dense_final).sum())
+    return tuple(out)
+
+
+@exercise("13.4", function="budget_matched_comparison", title="A budget-matched comparison", points=2,
+          reference=budget_matched_comparison,
+          hint="each model's schedule ends at its own budget: it runs the most whole steps whose FLOPs fit "
+               "(integer division, rounded down); then the comparison is paired: one difference moe - dense per "
+               "seed, their mean, their sample standard deviation (0.0 for one seed), and how many seeds have a "
+               "difference of the mean's sign",
+          hints=("d = moe_final - dense_final; d.std() is the sample SD (n - 1); (d * sign(mean) > 0).sum() "
+                 "counts the seeds that agree",),
+          mistakes={"steps rounded up (the schedule runs past the budget)": _rounded_up,
+                    "population standard deviation (n) instead of the sample one (n - 1)": _population_sd,
+                    "the difference taken the other way (dense - moe)": _other_way,
+                    "seeds where the MoE is lower counted, whatever the sign of the mean": _moe_wins})
+def _budget_cases(hidden: bool) -> list[Case]:
+    configs = [(1000, 12, 10, 3, -0.05), (95, 10, 7, 5, -0.02)]  # budget, MoE FLOPs/step, dense ..., seeds, shift
     if hidden:
-        configs += [(1, 10, 7, 20, 3), (5, 100, 123, 100, 123), (2, 1, 50, 30, 1), (4, 50, 10, 7, 77)]
-    return [Case(f"{s} seeds, MoE {ms} steps x {mf} FLOPs, dense {ds} steps x {df} FLOPs",
-                 (_curves(s, ms, 1.0), mf, _curves(s, ds, 1.1), df)) for s, ms, mf, ds, df in configs]
+        configs += [(30, 1, 30, 2, -0.04), (300, 30, 30, 1, 0.03), (257, 256, 1, 4, 0.02),
+                    (800 * 335_544_320, 336_068_608, 335_544_320, 6, -0.047)]
+    cases = []
+    for budget, moe, dense, seeds, shift in configs:
+        dense_final = 1.65 + 0.02 * torch.randn(seeds)
+        moe_final = dense_final + shift + 0.01 * torch.randn(seeds)
+        cases.append(Case(f"budget {budget}, MoE {moe} FLOPs/step, dense {dense} FLOPs/step, {seeds} seeds, "
+                          f"MoE {shift:+} on average", (budget, moe, dense, moe_final, dense_final)))
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------------------- 13.5
 
 
+class _LayerBlock(nn.Module):
+    """The library's ``MoELayer`` (GELU experts, softmax -> top-k -> renormalise, Switch aux loss) as a block with
+    the exercise's interface: ``forward(x) -> (y, aux)``."""
+
+    def __init__(self, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, k: int):
+        super().__init__()
+        num_experts, d_model, d_ff = w1.shape
+        self.layer = MoELayer(d_model, d_ff, num_experts, k, activation="gelu", dispatch="loop")
+        with torch.no_grad():
+            self.layer.router.weight.copy_(router_weight)
+            self.layer.experts.w1.copy_(w1)
+            self.layer.experts.w2.copy_(w2)
+
+    def forward(self, x: torch.Tensor):
+        y, info = self.layer(x)
+        return y, info.aux_loss
+
+
 def train_moe_block(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor,
                     w2: torch.Tensor, k: int, aux_coef: float, lr: float, steps: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference for 13.5: ``MoELayer`` (GELU experts, softmax -> top-k -> renormalise) trained with SGD on
-    ``mse(y, target) + aux_coef * aux`` for ``steps`` steps -> ``(losses [steps], router weight, w1)`` (the loss
-    of each step before its update; the weights after the last update)."""
-    num_experts, d_model, d_ff = w1.shape
-    layer = MoELayer(d_model, d_ff, num_experts, k, activation="gelu", dispatch="loop")
-    with torch.no_grad():
-        layer.router.weight.copy_(router_weight)
-        layer.experts.w1.copy_(w1)
-        layer.experts.w2.copy_(w2)
-    opt = torch.optim.SGD(layer.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        y, info = layer(x)
-        loss = F.mse_loss(y, target) + aux_coef * info.aux_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return torch.tensor(losses), layer.router.weight.detach().clone(), layer.experts.w1.detach().clone()
+    """Reference for 13.5: what the checker's loop (:func:`moe_lab.checks.calls.train_block`) returns for a correct
+    ``MoEBlock``, here the library's ``MoELayer``: ``(losses [steps], router weight [E, d], output [T, d])`` after
+    ``steps`` SGD steps on ``mse(y, target) + aux_coef * aux``."""
+    return train_block(_LayerBlock, x, target, router_weight, w1, w2, k, aux_coef, lr, steps)
 
 
-def _slow_block(x, target, router_weight, w1, w2, k, aux_coef, lr, steps, *, renormalize=True, aux="probs",
-                detach_counts=True):
-    """A slow obvious MoE block trained like the reference, with the variants the mistakes need."""
-    params = [t.detach().clone().requires_grad_() for t in (router_weight, w1, w2)]
-    opt = torch.optim.SGD(params, lr=lr)
-    losses = []
-    num_experts = w1.shape[0]
-    for _ in range(steps):
-        rw, a, b = params
-        probs = torch.softmax(x @ rw.T, dim=-1)
-        gates, experts = probs.topk(k, dim=-1)
-        if renormalize:
+class _SlowBlock(nn.Module):
+    """A slow obvious MoE block, with the variants the mistakes need."""
+
+    def __init__(self, router_weight, w1, w2, k, *, renormalize=True, aux="probs"):
+        super().__init__()
+        self.router_weight, self.w1, self.w2 = (nn.Parameter(t.detach().clone()) for t in (router_weight, w1, w2))
+        self.k, self.renormalize, self.aux = k, renormalize, aux
+
+    def forward(self, x):
+        num_experts = self.w1.shape[0]
+        probs = torch.softmax(x @ self.router_weight.T, dim=-1)
+        gates, experts = probs.topk(self.k, dim=-1)
+        if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
         y = torch.zeros_like(x)
-        for slot in range(k):
+        for slot in range(self.k):
             for e in range(num_experts):
                 rows = experts[:, slot] == e
-                y[rows] = y[rows] + gates[rows, slot, None] * (F.gelu(x[rows] @ a[e]) @ b[e])
+                y[rows] = y[rows] + gates[rows, slot, None] * (F.gelu(x[rows] @ self.w1[e]) @ self.w2[e])
         f = torch.bincount(experts.flatten(), minlength=num_experts).float() / experts.numel()
-        p = probs.mean(0) if aux == "probs" else torch.zeros(x.shape[0], num_experts).scatter(
+        p = probs.mean(0) if self.aux == "probs" else torch.zeros(x.shape[0], num_experts).scatter(
             1, experts, gates).mean(0)
-        loss = F.mse_loss(y, target) + aux_coef * num_experts * (f * p).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return torch.tensor(losses), params[0].detach().clone(), params[1].detach().clone()
+        return y, num_experts * (f * p).sum()
+
+
+def _slow_block(*args, **variant):
+    """:func:`train_block` of :class:`_SlowBlock` (``variant``: its options)."""
+    return train_block(lambda *a: _SlowBlock(*a, **variant), *args)
 
 
 def _no_renormalize(*args):
@@ -306,22 +310,23 @@ def _aux_from_gates(*args):
 
 
 def _no_aux(x, target, router_weight, w1, w2, k, aux_coef, lr, steps):
-    """Mistake: the aux loss left out of the training loss."""
-    return _slow_block(x, target, router_weight, w1, w2, k, 0.0, lr, steps)
+    """Mistake: the aux loss left out of the loss the block returns."""
+    return train_block(_SlowBlock, x, target, router_weight, w1, w2, k, 0.0, lr, steps)
 
 
-@exercise("13.5", function="train_moe_block", title="A trainable MoE block", points=4, reference=train_moe_block,
-          rtol=1e-4, atol=1e-5,
-          hint="an nn.Module whose forward routes (logits = x W_r^T, softmax over all experts, top-k, renormalise the "
-               "k gates), runs each expert on its tokens (w2(gelu(x w1))), sums gate x expert output, and returns "
-               "the Switch aux loss N * sum_i f_i P_i with it; then a plain SGD loop on mse + aux_coef * aux",
+@exercise("13.5", function="MoEBlock", title="A trainable MoE block", points=4, reference=train_moe_block,
+          drive="train_block", rtol=1e-4, atol=1e-5,
+          hint="an nn.Module that stores the three given tensors as nn.Parameter copies and whose forward routes "
+               "(logits = x W_r^T, softmax over all experts, top-k, renormalise the k gates), runs each expert on "
+               "its tokens (w2(gelu(x w1))), sums gate x expert output, and returns (y, the Switch aux loss "
+               "N * sum_i f_i P_i); the checker builds it, checks its parameters and trains it with SGD",
           hints=("f_i counts token-slots (all k choices, no gradient), P_i is the mean full-softmax probability "
                  "(with gradient): the aux loss reaches the router only through P",
-                 "store the given tensors as nn.Parameter copies; each step: forward, loss, zero_grad, backward, "
-                 "step, and record loss.item() of that step (before its update)"),
+                 "nn.Parameter(router_weight.detach().clone()) registers a trainable copy; a tensor kept as a plain "
+                 "attribute is not a parameter, so the optimiser would never update it"),
           mistakes={"the top-k gates not renormalised": _no_renormalize,
                     "P_i of the aux loss from the top-k gates instead of the full softmax": _aux_from_gates,
-                    "the aux loss left out of the training loss": _no_aux})
+                    "the aux loss left out (forward returns 0 for it)": _no_aux})
 def _block_cases(hidden: bool) -> list[Case]:
     configs = [(32, 8, 16, 4, 2, 0.1, 0.2, 5), (16, 4, 8, 3, 1, 0.5, 0.1, 4)]
     if hidden:

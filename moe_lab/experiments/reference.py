@@ -5,11 +5,12 @@ from __future__ import annotations
 import statistics
 
 from ..model import toy_config
-from .budget import Budget
-from .claims import Claim, compare
+from .budget import Budget, matched_dense
+from .claims import Claim, claim, compare
 from .registry import ReferenceRun, register
 from .results import metric_values
 from .runner import Setup
+from .stats import paired_difference
 
 SWITCH = "Fedus et al. 2021 (Switch Transformer)"
 MOE_FAMILY = {"switch": ("the Switch preset (top-1, capacity factor 1.0)", SWITCH),
@@ -55,6 +56,80 @@ SWITCH_FAMILY = register(ReferenceRun(
     claims=switch_family_claims,
     notebooks=("07_switch_glam_stmoe",),
 ))
+
+
+CAPSTONE_MOE = toy_config("mixtral", n_layers=2)
+"""Notebook 13's MoE: ``d_model`` 64, 2 layers, 8 experts of width 128, top-2, dropless, aux loss 1e-2."""
+CAPSTONE_ARMS = {"moe": CAPSTONE_MOE, "dense, equal FLOPs": matched_dense(CAPSTONE_MOE, "active_flops"),
+                 "dense, equal params": matched_dense(CAPSTONE_MOE, "total_params")}
+CAPSTONE_BUDGET = Budget.of("flops", CAPSTONE_ARMS["dense, equal FLOPs"], 800, batch_size=16, seq_len=64)
+CAPSTONE_NAMES = {"moe": "the MoE model (8 experts, top-2)",
+                  "dense, equal FLOPs": "the dense model with equal active FLOPs",
+                  "dense, equal params": "the dense model with equal total parameters"}
+"""How notebook 13 names the capstone's arms in sentences."""
+CAPSTONE_LRS = (1e-3, 1e-2)
+"""The learning rates of the capstone's sweep besides ``Setup``'s default 3e-3 (which the capstone run holds)."""
+SWEEP_SEEDS = (0, 1, 2)
+
+
+def capstone_claims(result: dict) -> dict[str, Claim]:
+    """What notebook 13 states from ``capstone``: the MoE model against each dense baseline at the same training
+    FLOPs (validation CE; Switch reports MoE ahead of the dense model with equal FLOPs per token), and the time
+    per step of the MoE model against the dense model with equal FLOPs on this machine."""
+    moe = CAPSTONE_NAMES["moe"]
+    return {
+        "moe vs equal flops": compare(result, "moe", "dense, equal FLOPs", subject=moe,
+                                      other=CAPSTONE_NAMES["dense, equal FLOPs"], expected="lower", source=SWITCH),
+        "moe vs equal params": compare(result, "moe", "dense, equal params", subject=moe,
+                                       other=CAPSTONE_NAMES["dense, equal params"]),
+        "step time": compare(result, "moe", "dense, equal FLOPs", "step_ms", subject=moe,
+                             other=CAPSTONE_NAMES["dense, equal FLOPs"], digits=1),
+    }
+
+
+CAPSTONE = register(ReferenceRun(
+    name="capstone",
+    description="Notebook 13: an MoE model (8 experts of width 128, top-2) against the dense models with equal "
+                "active FLOPs and with equal total parameters (widths from the calculator), each trained to the "
+                "end of its own schedule within the training FLOPs of 800 steps of the equal-FLOPs dense model",
+    arms=CAPSTONE_ARMS,
+    budget=CAPSTONE_BUDGET,
+    seeds=(0, 1, 2, 3, 4),
+    setup=Setup(eval_points=4),
+    claims=capstone_claims,
+    notebooks=("13_capstone",),
+))
+
+CAPSTONE_SWEEP = {lr: register(ReferenceRun(
+    name=f"capstone_lr_{lr:g}",
+    description=f"Notebook 13's learning-rate sweep: the capstone's MoE model and its equal-FLOPs dense baseline "
+                f"at peak learning rate {lr:g} (the capstone run holds 3e-3), same budget, seeds 0-2",
+    arms={arm: CAPSTONE_ARMS[arm] for arm in ("moe", "dense, equal FLOPs")},
+    budget=CAPSTONE_BUDGET,
+    seeds=SWEEP_SEEDS,
+    setup=Setup(lr=lr),
+    notebooks=("13_capstone",),
+)) for lr in CAPSTONE_LRS}
+"""``{lr: ReferenceRun}``: the sweep that tunes the equal-FLOPs baseline as hard as the MoE model."""
+
+
+def capstone_sweep(results: dict[float, dict]) -> tuple[dict[str, dict[float, float]], dict[str, float], Claim]:
+    """The learning-rate sweep of notebook 13 from ``results`` (``{lr: result}``: the ``capstone_lr_*`` results and
+    ``capstone`` at its 3e-3, whose seeds 0-2 are used): ``(mean validation CE {arm: {lr: value}}, the best lr of
+    each arm, the claim)``; the claim compares the MoE model at its best learning rate with the equal-FLOPs dense
+    model at its own best, paired over the seeds the sweep ran."""
+    arms = ("moe", "dense, equal FLOPs")
+
+    def val(lr: float, arm: str) -> list[float]:
+        return [r["val_ce"] for r in results[lr]["runs"][arm] if r["seed"] in SWEEP_SEEDS]
+
+    table = {arm: {lr: sum(val(lr, arm)) / len(SWEEP_SEEDS) for lr in sorted(results)} for arm in arms}
+    best = {arm: min(table[arm], key=table[arm].get) for arm in arms}
+    diff = paired_difference(val(best["moe"], "moe"), val(best["dense, equal FLOPs"], "dense, equal FLOPs"))
+    text = claim(diff, subject=f"{CAPSTONE_NAMES['moe']} at its best learning rate ({best['moe']:g})",
+                 other=f"{CAPSTONE_NAMES['dense, equal FLOPs']} at its own best ({best['dense, equal FLOPs']:g})",
+                 quantity="validation cross-entropy", unit="nats", expected="lower", source=SWITCH)
+    return table, best, text
 
 
 V3_SOURCE = "Wang et al. 2024 (auxiliary-loss-free balancing)"
