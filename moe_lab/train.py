@@ -71,7 +71,7 @@ def evaluate(model: MoETransformer, data: torch.Tensor, *, seq_len: int, tokens:
     With ``tokens`` (the course's validation; comparisons pass :data:`EVAL_TOKENS`): every window of
     :func:`moe_lab.data.val_windows(data, seq_len, tokens) <moe_lab.data.val_windows>`, each token weighted
     equally, ``batch_size`` windows per forward pass (the result does not depend on it beyond float rounding).
-    Without ``tokens`` (legacy, for notebooks 08-13 until they move): the mean over ``batches`` batches of
+    Without ``tokens`` (legacy, for notebooks 09-11 until they move): the mean over ``batches`` batches of
     ``batch_size`` random windows drawn with ``seed``."""
     _check_run(model, data, batch_size, seq_len)
     total = count = 0.0

@@ -115,7 +115,7 @@ def val_windows(data: torch.Tensor, seq_len: int, tokens: int | None = None) -> 
     return chunk[:, :-1], chunk[:, 1:]
 
 
-# Legacy: the installed interpreter's library, split by position. Notebooks 08-13 (and some tests) still use these
+# Legacy: the installed interpreter's library, split by position. Notebooks 09-11 (and some tests) still use these
 # until they move to load_corpus; their text depends on the Python version, so nothing computed from it is pinned.
 
 def stdlib_files() -> list[Path]:
