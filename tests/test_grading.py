@@ -101,7 +101,7 @@ def test_verdicts_agree_with_the_checker(tmp_path, ex_id):
     ex = REGISTRY[ex_id]
     start = time.perf_counter()
     cases = grading.reference_cases(ex, SEED)
-    cheap = time.perf_counter() - start < 0.5
+    cheap = time.perf_counter() - start < 0.5 and ex.drive is None  # a class has no detached / visible-only wrapper
     solution = _solutions(ex_id[:2])[ex.function]
     library = LIBRARY_CLASSES.get(ex_id, ex.reference)
     candidates = {"solution": solution, "library": library, "zero": lambda *a, **k: 0, "todo": _not_implemented}
