@@ -26,7 +26,7 @@ from pathlib import Path
 
 import nbformat
 
-from .checks.core import STUB_MESSAGE
+from .checks.calls import STUB_MESSAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"

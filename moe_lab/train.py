@@ -39,8 +39,7 @@ EVAL_TOKENS = 65_536
 
 def _eval_windows(data: torch.Tensor, seq_len: int, tokens: int | None, batch_size: int, batches: int, seed: int):
     """``(x, y)`` batches: the fixed windows of :func:`moe_lab.data.val_windows` (``tokens`` given), else
-    ``batches`` random batches drawn with ``seed`` (legacy)."""
-    check_int("batch_size", batch_size, 1)
+    ``batches`` random batches drawn with ``seed`` (legacy). The callers have checked ``batch_size``."""
     if tokens is not None:
         x, y = val_windows(data, seq_len, tokens)
         yield from zip(x.split(batch_size), y.split(batch_size))
